@@ -1,0 +1,55 @@
+"""The study's Table 1: ImageNet-pretrained ResNet-18, SGD, staircase decay.
+
+Variant configs (rgb.py, rgbir.py, dual.py) import this and choose the model;
+every field can be overridden on the command line, e.g. `--config.optim.lr=0.01`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'rgb'  # rgb | rgbir | dual
+  # Ported torchvision ImageNet weights (scripts/port_weights.py); '' trains from scratch.
+  config.model.weights = 'weights/resnet18-imagenet.msgpack'
+  config.model.ir_stem_init = 'he'  # he | rgb_mean
+
+  config.data = ml_collections.ConfigDict()
+  config.data.raw_dir = 'data/planet'  # Kaggle- or course-layout directory
+  config.data.layout = 'auto'  # auto | kaggle | course
+  config.data.prepared_dir = ''  # TFDS data_dir; '' = ~/tensorflow_datasets
+  config.data.val_fraction = 0.33
+  config.data.split_seed = 321
+  config.data.crop_size = 224  # train: random crop + horizontal flip
+  config.data.eval_size = 224  # eval: the whole chip resized
+  config.data.num_workers = 2
+  config.data.prefetch = 2
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.num_chips = 0  # > 0: generate a synthetic dataset in the workdir
+  config.data.synthetic.chip_size = 256
+  config.data.synthetic.num_test = 0
+  config.data.synthetic.seed = 321
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 0.005
+  config.optim.momentum = 0.9
+  config.optim.decay_epochs = 10  # StepLR(step_size=10, gamma=0.3)
+  config.optim.decay_rate = 0.3
+
+  config.batch_size = 16  # global train batch
+  config.eval_batch_size = 64
+  config.num_epochs = 35
+  config.seed = 321  # parameter init (split and shuffling have their own seeds, also 321)
+  config.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params and loss stay float32)
+  config.parallel = 'jit'  # several devices: 'jit' (mesh, sharded batch) or 'pmap'
+
+  config.checkpoint_every_steps = 0  # 0 = at the end of every epoch only
+  config.log_every_steps = 10  # progress bar and non-finite-loss check
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.step = -1  # -1 = the best-by-mAP checkpoint
+  config.eval.flips = False  # test-time horizontal flip averaging
+  config.eval.top_n = 50  # tail accuracy over the best tag's top-N chips
+  return config

@@ -1,0 +1,9 @@
+"""The study's `dual` model with the Table 1 recipe (configs/default.py)."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.name = 'dual'
+  return config

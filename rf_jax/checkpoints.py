@@ -1,0 +1,129 @@
+"""Orbax checkpoints of a run: the latest (for resume) and the best by validation mAP.
+
+A checkpoint holds four items: the train state, the input iterator's state,
+the run's progress (history and the running sums of a partly done epoch) and
+the config, so that a restart continues exactly and an evaluation can check
+that it is restoring the model it was asked for.
+"""
+
+from collections.abc import Mapping
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+CHECKPOINT_DIR = 'checkpoints'
+BEST_METRIC = 'val_map'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing or does not fit the request."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  state: Any
+  data_state: Any
+  progress: dict
+  config: dict
+  step: int
+
+
+def create_manager(workdir: str | os.PathLike, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """Keeps the latest checkpoint and the best one by validation mAP.
+
+  `max_to_keep` would delete the latest checkpoint once a better one exists
+  (and best_fn alone never writes the metrics), hence the explicit
+  preservation policy; checkpoints saved mid-epoch carry no metrics and are
+  dropped once a newer one exists.
+  """
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(1),
+      checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy,
+      best_fn=lambda m: m[BEST_METRIC],
+      best_mode='max',
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
+      create=not read_only,
+  )
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      options=options,
+      item_names=('state', 'data', 'progress', 'config'),
+  )
+
+
+def _json_safe(data_state: Any) -> Any:
+  return {'bytes': data_state.decode()} if isinstance(data_state, bytes) else {'json': data_state}
+
+
+def _from_json_safe(saved: Mapping[str, Any]) -> Any:
+  return saved['bytes'].encode() if 'bytes' in saved else saved['json']
+
+
+def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_state: Any,
+         progress: dict, config: ml_collections.ConfigDict,
+         metrics: Mapping[str, float] | None = None) -> None:
+  """Saves synchronously; orbax writes to a temporary directory and renames it."""
+  manager.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(_json_safe(data_state)),
+          progress=ocp.args.JsonSave(progress),
+          config=ocp.args.JsonSave(config.to_dict()),
+      ),
+      metrics=dict(metrics) if metrics is not None else None,
+      force=True,
+  )
+  manager.wait_until_finished()
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Restored | None:
+  """The latest checkpoint restored into `abstract_state`'s structure, or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return _restore(manager, step, ocp.args.StandardRestore(abstract_state))
+
+
+def _restore(manager, step, state_args) -> Restored:
+  items = manager.restore(
+      step,
+      args=ocp.args.Composite(
+          state=state_args,
+          data=ocp.args.JsonRestore(),
+          progress=ocp.args.JsonRestore(),
+          config=ocp.args.JsonRestore(),
+      ),
+  )
+  return Restored(state=items['state'], data_state=_from_json_safe(items['data']),
+                  progress=items['progress'], config=items['config'], step=step)
+
+
+def restore_for_evaluation(workdir: str | os.PathLike, step: int = -1) -> Restored:
+  """The best-by-mAP checkpoint (or `step`), with the state as plain arrays."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'No checkpoints in {directory}: train first with '
+                          f'`python -m rf_jax.main --config <config> --workdir {workdir}`.')
+  manager = create_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f'{directory} holds no complete checkpoint: train first.')
+  if step < 0:
+    step = manager.best_step()
+    if step is None:  # no finished epoch yet: only mid-epoch checkpoints
+      step = manager.latest_step()
+  elif step not in steps:
+    raise CheckpointError(f'config.eval.step={step}: {directory} holds steps {sorted(steps)}.')
+  return _restore(manager, step, ocp.args.StandardRestore())
+

@@ -1,0 +1,61 @@
+"""Checks a run's ConfigDict before any work starts, naming the bad key.
+
+ml_collections already rejects unknown keys (the configs are locked) and
+values of the wrong type; this catches values of the right type that make no
+sense, so that a typo fails in a second instead of after an epoch.
+"""
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+_CHOICES = {
+    'model.name': ('rgb', 'rgbir', 'dual'),
+    'model.ir_stem_init': ('he', 'rgb_mean'),
+    'data.layout': ('auto', 'kaggle', 'course'),
+    'dtype': ('float32', 'bfloat16'),
+    'parallel': ('jit', 'pmap'),
+}
+_POSITIVE = ('optim.lr', 'optim.decay_epochs', 'optim.decay_rate', 'batch_size',
+             'eval_batch_size', 'num_epochs', 'data.crop_size', 'data.eval_size',
+             'log_every_steps')
+_NON_NEGATIVE = ('optim.momentum', 'data.num_workers', 'data.prefetch',
+                 'data.synthetic.num_chips', 'data.synthetic.num_test',
+                 'checkpoint_every_steps', 'eval.top_n')
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+  value = config
+  for part in key.split('.'):
+    if part not in value:
+      raise ConfigError(f'config.{key} is missing: start from configs/default.py, '
+                        'which defines every key.')
+    value = value[part]
+  return value
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first value that cannot work."""
+  for key, choices in _CHOICES.items():
+    value = _get(config, key)
+    if value not in choices:
+      raise ConfigError(f'config.{key}={value!r} is not one of {", ".join(choices)}.')
+  for key in _POSITIVE:
+    if not _get(config, key) > 0:
+      raise ConfigError(f'config.{key}={_get(config, key)!r} must be > 0.')
+  for key in _NON_NEGATIVE:
+    if _get(config, key) < 0:
+      raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
+  if not 0 < config.data.val_fraction < 1:
+    raise ConfigError(f'config.data.val_fraction={config.data.val_fraction!r} must be '
+                      'strictly between 0 and 1.')
+  if not config.data.raw_dir and not config.data.synthetic.num_chips:
+    raise ConfigError('config.data.raw_dir is empty and config.data.synthetic.num_chips is 0: '
+                      'point raw_dir at a Kaggle- or course-layout directory, or ask for a '
+                      'synthetic dataset.')
+  if config.data.synthetic.num_chips and config.data.synthetic.chip_size < config.data.crop_size:
+    raise ConfigError(f'config.data.crop_size={config.data.crop_size} exceeds '
+                      f'config.data.synthetic.chip_size={config.data.synthetic.chip_size}.')

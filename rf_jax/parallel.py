@@ -1,0 +1,99 @@
+"""How the train and eval steps are laid over devices.
+
+`jit`: one `jax.jit` over a 1-D `Mesh` ('data'): state replicated, batch
+sharded; XLA inserts the cross-device reductions, so BatchNorm sees the global
+batch. On one device this is plain `jax.jit`.
+`pmap`: replicated state, per-device batch shards; the step averages gradients
+and the loss with `lax.pmean` and the model's BatchNorm synchronises its
+statistics over `AXIS_NAME`.
+Either way the numbers equal one device's on the same global batch.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+from typing import Any
+
+import flax.jax_utils
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+AXIS_NAME = 'batch'
+
+
+class DeviceCountError(ValueError):
+  """A batch size that the devices cannot share evenly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+  """Compiled steps plus the moves between host and device layouts."""
+  train_step: Callable[[Any, Any], tuple[Any, jax.Array]]  # (state, batch) -> (state, loss)
+  eval_step: Callable[[Any, Any], Any]  # (state, batch) -> per-example outputs
+  put_state: Callable[[Any], Any]  # one host copy -> device layout
+  get_state: Callable[[Any], Any]  # device layout -> one copy (checkpoints)
+  put_batch: Callable[[Any], Any]  # this process's numpy batch -> device layout
+  get_outputs: Callable[[Any], Any]  # device outputs -> global numpy arrays [B, ...]
+
+
+def check_batch_sizes(config) -> None:
+  """Each global batch must split evenly over every device."""
+  n = jax.device_count()
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % n:
+      raise DeviceCountError(
+          f'config.{key}={config[key]} does not divide by the {n} devices: use a multiple '
+          f'of {n} (e.g. --config.{key}={max(n, config[key] // n * n)}).')
+
+
+def create_runner(kind: str, train_step: Callable, eval_step: Callable,
+                  devices=None) -> Runner:
+  """`train_step(state, batch, axis_name=None)`, `eval_step(state, batch)` laid out as `kind`.
+
+  `devices` (default: all) is for the mesh; pmap uses every local device.
+  """
+  if kind == 'pmap':
+    return _pmap_runner(train_step, eval_step)
+  return _mesh_runner(train_step, eval_step, devices or jax.devices())
+
+
+def _mesh_runner(train_step, eval_step, devices) -> Runner:
+  mesh = Mesh(np.asarray(devices), ('data',))
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P('data'))
+  put_batch = lambda batch: jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharded, x), batch)
+  return Runner(
+      train_step=jax.jit(train_step, in_shardings=(replicated, sharded),
+                         out_shardings=(replicated, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=sharded),
+      put_state=lambda state: jax.device_put(state, replicated),
+      get_state=lambda state: state,
+      put_batch=put_batch,
+      get_outputs=lambda outputs: multihost_utils.process_allgather(outputs, tiled=True),
+  )
+
+
+def _pmap_runner(train_step, eval_step) -> Runner:
+  n = jax.local_device_count()
+  pmapped_train = jax.pmap(functools.partial(train_step, axis_name=AXIS_NAME),
+                           axis_name=AXIS_NAME, donate_argnums=0)
+
+  def train(state, batch):
+    state, loss = pmapped_train(state, batch)
+    return state, loss[0]  # identical on every device after pmean
+
+  def unshard(outputs):
+    outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), outputs)
+
+  return Runner(
+      train_step=train,
+      eval_step=jax.pmap(eval_step, axis_name=AXIS_NAME),
+      put_state=flax.jax_utils.replicate,
+      get_state=flax.jax_utils.unreplicate,
+      put_batch=lambda batch: jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch),
+      get_outputs=unshard,
+  )
