@@ -1,0 +1,202 @@
+"""The Planet "Understanding the Amazon from Space" domain: tags, labels, chips, split.
+
+Pure and small: no TFDS, no grain. Everything here raises `PlanetDataError`
+(a `ValueError`) for bad input, with a message that names the file (and the
+line for CSV files), so that a user with a broken download knows what to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tifffile
+
+# The label vector's order everywhere (the course's order, DESIGN.md §2).
+TAGS: tuple[str, ...] = (
+    'clear', 'cloudy', 'haze', 'partly_cloudy',
+    'agriculture', 'artisinal_mine', 'bare_ground', 'blooming', 'blow_down',
+    'conventional_mine', 'cultivation', 'habitation', 'primary', 'road',
+    'selective_logging', 'slash_burn', 'water',
+)
+NUM_TAGS = len(TAGS)
+TAG_INDEX = {t: i for i, t in enumerate(TAGS)}
+WEATHER_TAGS = TAGS[:4]
+
+LABELS_HEADER = ('image_name', 'tags')
+# Kaggle stores B,G,R,NIR; we keep R,G,B,NIR in memory.
+KAGGLE_TO_RGBN = (2, 1, 0, 3)
+LAYOUT_DTYPES = {'kaggle': np.dtype(np.uint16), 'course': np.dtype(np.uint8)}
+LAYOUTS = ('auto', 'kaggle', 'course')
+
+
+class PlanetDataError(ValueError):
+  """Bad input data: the message names the file (and line)."""
+
+
+class PlanetFileNotFoundError(PlanetDataError, FileNotFoundError):
+  """A file the data layer needs is missing."""
+
+
+def _location(path, line: int | None = None) -> str:
+  return f'{os.fspath(path)}:{line}' if line is not None else os.fspath(path)
+
+
+def _line_of_offset(raw: bytes, offset: int) -> int:
+  return raw.count(b'\n', 0, offset) + 1
+
+
+def _decode_csv(path, raw: bytes) -> str:
+  try:
+    # utf-8-sig drops a leading byte order mark (harmless, Excel writes it).
+    return raw.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    raise PlanetDataError(
+        f'{_location(path, _line_of_offset(raw, e.start))}: not UTF-8 text '
+        f'(byte 0x{raw[e.start]:02x} at offset {e.start}); save the label '
+        'file as UTF-8') from None
+
+
+def parse_tags(tag_string: str, where: str) -> np.ndarray:
+  """Space-separated tags -> multi-hot float32[17]; repeats count once."""
+  tags = tag_string.split()
+  if not tags:
+    raise PlanetDataError(f'{where}: empty tags')
+  unknown = sorted({t for t in tags if t not in TAG_INDEX})
+  if unknown:
+    raise PlanetDataError(
+        f'{where}: unknown tag(s) {", ".join(map(repr, unknown))}; '
+        f'known tags: {" ".join(TAGS)}')
+  row = np.zeros(NUM_TAGS, np.float32)
+  row[[TAG_INDEX[t] for t in tags]] = 1.0
+  return row
+
+
+def read_labels(csv_path) -> tuple[list[str], np.ndarray]:
+  """Reads a Kaggle `train_v2.csv`: (names, multi-hot labels float32[N, 17]).
+
+  Accepts the real file's quirks (repeated and unsorted tags, a row without
+  a weather tag) and harmless encodings (CRLF line ends, UTF-8 BOM). Rejects
+  unknown or empty tags, duplicate names, a wrong header, non-UTF-8 text.
+  """
+  path = Path(csv_path)
+  if not path.is_file():
+    raise PlanetFileNotFoundError(f'{path}: label file not found')
+  raw = path.read_bytes()
+  text = _decode_csv(path, raw)
+  reader = csv.reader(io.StringIO(text, newline=''))
+  header = next(reader, None)
+  if header is None or tuple(h.strip() for h in header) != LABELS_HEADER:
+    raise PlanetDataError(
+        f'{_location(path, 1)}: header must be "{",".join(LABELS_HEADER)}", '
+        f'got {",".join(header) if header else "an empty file"!r}')
+  names, rows, first_line = [], [], {}
+  for fields in reader:
+    line = reader.line_num
+    if not fields or (len(fields) == 1 and not fields[0].strip()):
+      continue  # Blank line (e.g. trailing newline twice): nothing to read.
+    where = _location(path, line)
+    if len(fields) != 2:
+      raise PlanetDataError(
+          f'{where}: expected 2 fields "image_name,tags", got {len(fields)}')
+    name = fields[0].strip()
+    if not name:
+      raise PlanetDataError(f'{where}: empty image name')
+    if name in first_line:
+      raise PlanetDataError(
+          f'{where}: duplicate image name {name!r} '
+          f'(first seen on line {first_line[name]})')
+    first_line[name] = line
+    rows.append(parse_tags(fields[1], where))
+    names.append(name)
+  if not names:
+    raise PlanetDataError(f'{path}: no label rows')
+  return names, np.stack(rows)
+
+
+def _check_tiff_complete(path, tif: tifffile.TiffFile) -> None:
+  # Uncompressed chips read past EOF as garbage/zeros in some readers: check
+  # that every strip of the first page lies inside the file.
+  if not len(tif.pages):
+    raise PlanetDataError(
+        f'{path}: no readable image directory (truncated or not a TIFF)')
+  page = tif.pages.first
+  size = tif.filehandle.size
+  for offset, count in zip(page.dataoffsets, page.databytecounts):
+    if offset + count > size:
+      raise PlanetDataError(
+          f'{path}: truncated TIFF (image data ends at byte {offset + count}, '
+          f'file has {size} bytes)')
+
+
+def read_chip(path, layout: str = 'auto', *,
+              expected_size: int | None = None) -> np.ndarray:
+  """Reads one chip as [H, W, 4] in R, G, B, NIR order, in the file's dtype.
+
+  Args:
+    path: a Kaggle TIF (uint16 B,G,R,NIR) or a course TIF (uint8 R,G,B,IR).
+    layout: 'kaggle', 'course' or 'auto' (decided from the dtype).
+    expected_size: if given, the chip must be expected_size x expected_size.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+  path = Path(path)
+  if not path.is_file():
+    raise PlanetFileNotFoundError(f'{path}: chip not found')
+  try:
+    with tifffile.TiffFile(path) as tif:
+      _check_tiff_complete(path, tif)
+      page = tif.pages.first
+      image = page.asarray()
+      planar_separate = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+  except PlanetDataError:
+    raise
+  except Exception as e:  # tifffile raises many types on corrupt input.
+    raise PlanetDataError(
+        f'{path}: not a readable TIFF ({type(e).__name__}: {e})') from None
+  if planar_separate and image.ndim == 3:
+    image = np.moveaxis(image, 0, -1)
+  if image.ndim != 3 or image.shape[-1] != 4:
+    bands = 1 if image.ndim == 2 else image.shape[-1]
+    raise PlanetDataError(
+        f'{path}: expected 4 bands (H, W, 4), got shape {image.shape} '
+        f'({bands} band(s))')
+  height, width = image.shape[:2]
+  if height != width or (expected_size is not None and height != expected_size):
+    want = (f'{expected_size}x{expected_size}' if expected_size is not None
+            else 'a square chip')
+    raise PlanetDataError(f'{path}: expected {want}, got {height}x{width}')
+  if layout == 'auto':
+    layout = {v: k for k, v in LAYOUT_DTYPES.items()}.get(image.dtype, '')
+    if not layout:
+      raise PlanetDataError(
+          f'{path}: dtype {image.dtype} is neither uint16 (Kaggle layout) nor '
+          'uint8 (course layout)')
+  elif image.dtype != LAYOUT_DTYPES[layout]:
+    raise PlanetDataError(
+        f'{path}: {layout} layout expects {LAYOUT_DTYPES[layout]}, got '
+        f'{image.dtype}')
+  if layout == 'kaggle':
+    image = image[..., KAGGLE_TO_RGBN]
+  return np.ascontiguousarray(image)
+
+
+def split(names: Sequence[str], val_fraction: float = 0.33,
+          seed: int = 321) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded train/validation split: (train_idx, val_idx), each sorted.
+
+  Depends only on len(names), val_fraction and seed (numpy's PCG64 stream,
+  which numpy keeps stable across platforms), never on Python's hash().
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
+  n = len(names)
+  num_val = int(round(n * val_fraction))
+  perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+  val_idx = np.sort(perm[:num_val]).astype(np.int64)
+  train_idx = np.sort(perm[num_val:]).astype(np.int64)
+  return train_idx, val_idx
