@@ -1,0 +1,472 @@
+"""The study's report (one workdir) and comparison (several workdirs): matplotlib PNGs + markdown.
+
+Inputs, per workdir (written by training and by ``--mode evaluate``):
+
+* ``history.json``: ``{"config_model": str, "epochs": [{"epoch", "step", "train_loss", "val_loss",
+  "val_map", "val_ap": [17 floats or null], "lr", ...}, ...]}``
+* ``eval/predictions.npz``: ``names`` str [N], ``labels`` float32 [N, 17], ``scores`` float32 [N, 17].
+* ``eval/metrics.json``, one JSON object with these keys (build it with :func:`metrics_summary`):
+
+  ===================  ======================================================================
+  ``model``            str, the model name (``config.model.name``: rgb | rgbir | dual)
+  ``split``            str, the split evaluated (``"validation"``)
+  ``num_chips``        int, chips evaluated
+  ``loss``             float or null, mean sigmoid BCE over chips and tags (as in training)
+  ``map``              float or null, mean AP over the tags with positives
+  ``ap``               {tag: float or null}, every tag in TAGS order; null = no positives
+  ``excluded_tags``    [tag, ...], the tags with null AP (left out of ``map``)
+  ``f2_at_0.5``        float, Kaggle F2 (samples average) of ``scores > 0.5``
+  ``f2_tuned``         float, Kaggle F2 of ``scores > thresholds`` (tuned on this same data)
+  ``thresholds``       {tag: float}, per-tag thresholds of :func:`rf_jax.metrics.tune_thresholds`
+  ===================  ======================================================================
+
+  Extra keys (``step``, ``tta``, ...) are allowed and ignored here.
+
+Outputs: :func:`write_report` -> ``workdir/report/report.md`` + PNGs; :func:`write_comparison` ->
+``out_dir/comparison.md`` + PNGs. Figures are drawn on ``matplotlib.figure.Figure`` (Agg, no pyplot,
+no display, no global state). Command line for the comparison::
+
+  python -m rf_jax.report OUT_DIR WORKDIR [WORKDIR ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from rf_jax import metrics as M
+
+METRICS_JSON_KEYS = ('model', 'split', 'num_chips', 'loss', 'map', 'ap', 'excluded_tags',
+                     'f2_at_0.5', 'f2_tuned', 'thresholds')
+DPI = 100
+
+
+# --------------------------------------------------------------------------- metrics.json
+
+def _num(x) -> float | None:
+  """JSON-safe float: NaN/inf/None -> None."""
+  if x is None:
+    return None
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def metrics_summary(labels, scores, tags: Sequence[str], *, model: str, loss: float | None = None,
+                    split: str = 'validation', thresholds=None, **extra) -> dict[str, Any]:
+  """The ``eval/metrics.json`` dict (keys: module docstring) of one evaluation.
+
+  ``thresholds`` default: tuned here with :func:`rf_jax.metrics.tune_thresholds`.
+  """
+  labels = np.asarray(labels)
+  scores = np.asarray(scores)
+  if labels.shape[1] != len(tags):
+    raise ValueError(f'{labels.shape[1]} label columns but {len(tags)} tags')
+  ap = M.average_precision(labels, scores)
+  if thresholds is None:
+    thresholds = M.tune_thresholds(labels, scores)
+  thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), (len(tags),))
+  out = {
+      'model': model,
+      'split': split,
+      'num_chips': int(labels.shape[0]),
+      'loss': _num(loss),
+      'map': _num(M.mean_average_precision(labels, scores)),
+      'ap': {t: _num(a) for t, a in zip(tags, ap)},
+      'excluded_tags': [tags[i] for i in M.tags_without_positives(labels)],
+      'f2_at_0.5': _num(M.f2_at(labels, scores, M.DEFAULT_THRESHOLD)),
+      'f2_tuned': _num(M.f2_at(labels, scores, thresholds)),
+      'thresholds': {t: float(v) for t, v in zip(tags, thresholds)},
+  }
+  out.update(extra)
+  return out
+
+
+def read_metrics(path) -> dict[str, Any]:
+  """Parses an ``eval/metrics.json``; a clear error when a key is missing."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: no metrics file (run --mode evaluate on that workdir first)')
+  with open(path) as f:
+    data = json.load(f)
+  missing = [k for k in METRICS_JSON_KEYS if k not in data]
+  if missing:
+    raise ValueError(f'{path}: missing keys {missing} (expected {list(METRICS_JSON_KEYS)})')
+  return data
+
+
+def read_history(path) -> dict[str, Any]:
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: no training history (train that workdir first)')
+  with open(path) as f:
+    data = json.load(f)
+  if not isinstance(data.get('epochs'), list):
+    raise ValueError(f'{path}: no "epochs" list')
+  return data
+
+
+def _series(history: Mapping | None, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(epochs, values) of one history key; missing/null values are NaN."""
+  rows = (history or {}).get('epochs') or []
+  ep = np.array([r.get('epoch', i + 1) for i, r in enumerate(rows)], dtype=np.float64)
+  val = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
+  return ep, val
+
+
+# --------------------------------------------------------------------------- figures (one workdir)
+
+def _save(fig: Figure, path: Path) -> Path:
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=DPI)
+  return path
+
+
+def plot_loss(history: Mapping, path: Path, title: str = '') -> Path:
+  """Train and validation loss per epoch."""
+  fig = Figure(figsize=(6, 4), layout='constrained')
+  ax = fig.add_subplot()
+  for key, label, style in (('train_loss', 'train', 'o-'), ('val_loss', 'validation', 's-')):
+    ep, v = _series(history, key)
+    ax.plot(ep, v, style, label=label)
+  ax.set(xlabel='epoch', ylabel='loss (mean sigmoid BCE)', title=title or 'Loss per epoch')
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_map(history: Mapping, path: Path, title: str = '') -> Path:
+  """Validation mAP per epoch, best epoch marked."""
+  fig = Figure(figsize=(6, 4), layout='constrained')
+  ax = fig.add_subplot()
+  ep, v = _series(history, 'val_map')
+  ax.plot(ep, v, 'o-', color='tab:green', label='validation mAP')
+  if np.isfinite(v).any():
+    b = int(np.nanargmax(v))
+    ax.plot(ep[b], v[b], '*', ms=16, color='tab:red', label=f'best: epoch {ep[b]:g}, {v[b]:.4f}')
+  ax.set(xlabel='epoch', ylabel='mAP', title=title or 'Validation mAP per epoch')
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_ap_bars(ap: np.ndarray, tags: Sequence[str], num_pos: np.ndarray, path: Path,
+                 title: str = '') -> Path:
+  """Per-tag AP as horizontal bars (TAGS order); tags without positives marked 'excluded'."""
+  fig = Figure(figsize=(7, 0.35 * len(tags) + 1.5), layout='constrained')
+  ax = fig.add_subplot()
+  y = np.arange(len(tags))
+  ax.barh(y, np.nan_to_num(ap), color='tab:blue')
+  for i, (a, n) in enumerate(zip(ap, num_pos)):
+    txt = f'{a:.3f}  (n={int(n)})' if np.isfinite(a) else 'excluded: no positives'
+    ax.text((a if np.isfinite(a) else 0) + 0.01, i, txt, va='center', fontsize=8)
+  ax.set_yticks(y, [str(t) for t in tags])
+  ax.invert_yaxis()
+  ax.set_xlim(0, 1.25)
+  mean = np.nanmean(ap) if np.isfinite(ap).any() else np.nan
+  ax.axvline(mean, color='k', ls='--', lw=1, label=f'mAP {mean:.3f}')
+  ax.set(xlabel='average precision', title=title or 'Per-tag average precision')
+  ax.legend(loc='lower right')
+  return _save(fig, path)
+
+
+def plot_tail_accuracy(labels: np.ndarray, scores: np.ndarray, tag: str, path: Path, *,
+                       top_n: int, threshold: float, title: str = '') -> Path:
+  """Tail accuracy of one tag against t (0.5 .. 1) over its top_n chips, + chips above t."""
+  t = np.linspace(0.5, 1.0, 201)
+  acc = M.tail_accuracy(labels, scores, t, top_n)
+  top = np.sort(np.asarray(scores, np.float64))[::-1][:top_n]
+  count = (top[None, :] > t[:, None]).sum(1)
+  fig = Figure(figsize=(6.5, 4), layout='constrained')
+  ax = fig.add_subplot()
+  ax.plot(t, acc, '-', color='tab:blue', lw=2, label='tail accuracy')
+  ax.set_ylim(-0.02, 1.05)
+  ax.set(xlabel='threshold t', ylabel='tail accuracy',
+         title=title or f'Tail accuracy, tag "{tag}", top {min(top_n, len(scores))} chips')
+  ax.set_xlim(0.49, 1.01)
+  if threshold > 0.5:
+    ax.axvline(threshold, color='tab:red', ls='--', lw=1, label=f'tuned F2 threshold {threshold:.2f}')
+  else:  # the tuned threshold is off this axis (t >= 0.5): say so in the legend
+    ax.plot([], [], ' ', label=f'tuned F2 threshold {threshold:.2f} (not > 0.5)')
+  ax2 = ax.twinx()
+  ax2.plot(t, count, color='tab:orange', alpha=0.6, lw=1, label='chips with f > t')
+  ax2.set_ylabel('chips with f > t', color='tab:orange')
+  ax2.set_ylim(0, max(1, count.max()) * 1.05)
+  h1, l1 = ax.get_legend_handles_labels()
+  h2, l2 = ax2.get_legend_handles_labels()
+  ax.legend(h1 + h2, l1 + l2, loc='lower left', fontsize=8)
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def stretch(rgb, low: float = 2.0, high: float = 98.0) -> np.ndarray:
+  """Per-band percentile stretch of an [H, W, 3] image (any dtype) to float [0, 1]."""
+  x = np.asarray(rgb, dtype=np.float64)
+  if x.ndim != 3 or x.shape[-1] != 3:
+    raise ValueError(f'expected an RGB image [H, W, 3], got shape {x.shape}')
+  lo = np.percentile(x, low, axis=(0, 1))
+  hi = np.percentile(x, high, axis=(0, 1))
+  span = np.where(hi > lo, hi - lo, 1.0)
+  return np.clip((x - lo) / span, 0.0, 1.0)
+
+
+def _tag_names(row: np.ndarray, tags: Sequence[str]) -> str:
+  return ' '.join(tags[i] for i in np.flatnonzero(row > 0.5)) or '(no tags)'
+
+
+def plot_chip_grid(names, labels: np.ndarray, scores: np.ndarray, tags: Sequence[str], tag_index: int,
+                   load_rgb: Callable[[str], np.ndarray], path: Path, *, count: int = 10,
+                   cols: int = 5) -> Path:
+  """The ``count`` highest- and ``count`` lowest-scored chips for one tag, score and true tags below."""
+  s = np.asarray(scores)[:, tag_index]
+  order = np.argsort(-s, kind='stable')
+  groups = [('highest', order[:count]), ('lowest', order[::-1][:count])]
+  rows = math.ceil(count / cols)
+  # Fixed layout in inches: title (name, score) above each chip, up to 9 true tags below it.
+  cell_w, img, above, below, header = 2.6, 2.2, 0.45, 0.8, 0.5
+  cell_h = above + img + below
+  width, height = cell_w * cols, 2 * (header + rows * cell_h)
+  fig = Figure(figsize=(width, height))
+  top = height
+  for which, idx in groups:
+    fig.text(0.5, (top - header / 2) / height, f'{len(idx)} {which}-scored chips for '
+             f'"{tags[tag_index]}"', ha='center', va='center', fontsize=13, fontweight='bold')
+    top -= header
+    for n, i in enumerate(idx):
+      r, c = divmod(n, cols)
+      x0 = c * cell_w + (cell_w - img) / 2
+      y0 = top - r * cell_h - above - img
+      ax = fig.add_axes((x0 / width, y0 / height, img / width, img / height))
+      ax.imshow(stretch(load_rgb(str(names[i]))), interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+      truth = labels[i, tag_index] > 0.5
+      ax.set_title(f'{names[i]}\nscore {s[i]:.3f} ({"true" if truth else "false"})', fontsize=8,
+                   color='tab:green' if truth else 'tab:red')
+      ax.text(0.5, -0.03, textwrap.fill(_tag_names(labels[i], tags), 34), transform=ax.transAxes,
+              ha='center', va='top', fontsize=7)
+    top -= rows * cell_h
+  return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- report.md
+
+def _fmt(x, digits: int = 4) -> str:
+  return 'n/a' if x is None or not np.isfinite(x) else f'{x:.{digits}f}'
+
+
+def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags: Sequence[str],
+                 load_rgb: Callable[[str], np.ndarray] | None, top_n: int = 50,
+                 excluded_tags: Sequence[str] | None = None, thresholds=None,
+                 loss: float | None = None, model: str | None = None) -> Path:
+  """Writes ``workdir/report/`` (PNGs + report.md) and returns the path of report.md.
+
+  ``history``: parsed history.json (None: no curves). ``predictions``: names, labels, scores as in
+  predictions.npz. ``load_rgb(name)`` -> [H, W, 3] RGB of a chip (None: no chip grid).
+  ``thresholds``: per-tag F2 thresholds (default: tuned here on ``predictions``).
+  ``excluded_tags``: tags left out of mAP (default: those without positives in ``predictions``).
+  """
+  out = Path(workdir) / 'report'
+  out.mkdir(parents=True, exist_ok=True)
+  names = np.asarray(predictions['names'])
+  labels = np.asarray(predictions['labels'])
+  scores = np.asarray(predictions['scores'])
+  tags = list(tags)
+  if labels.shape != scores.shape or labels.shape != (len(names), len(tags)):
+    raise ValueError(f'predictions: names {names.shape}, labels {labels.shape}, scores '
+                     f'{scores.shape} do not match {len(tags)} tags')
+  model = model or (history or {}).get('config_model') or Path(workdir).name
+  ap = M.average_precision(labels, scores)
+  if excluded_tags is None:
+    excluded_tags = [tags[i] for i in M.tags_without_positives(labels)]
+  if thresholds is None:
+    thresholds = M.tune_thresholds(labels, scores)
+  thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), (len(tags),))
+  num_pos = labels.sum(0)
+  mean_ap = M.mean_average_precision(labels, scores)
+  f2_half = M.f2_at(labels, scores, 0.5)
+  f2_tuned = M.f2_at(labels, scores, thresholds)
+
+  md = [f'# Report: {model}', '',
+        f'Evaluated chips: {len(names)}. mAP (mean AP over tags with positives): **{_fmt(mean_ap)}**. '
+        f'Kaggle F2 (samples): {_fmt(f2_half)} at 0.5, {_fmt(f2_tuned)} at per-tag tuned thresholds '
+        '(tuned on these same chips, so optimistic).', '']
+  md.append('Excluded from mAP (no positives among these chips): '
+            + (', '.join(excluded_tags) if excluded_tags else 'none') + '.')
+  md.append('')
+
+  if history and history.get('epochs'):
+    ep, vm = _series(history, 'val_map')
+    if np.isfinite(vm).any():
+      b = int(np.nanargmax(vm))
+      md += [f'Best validation mAP during training: {vm[b]:.4f} at epoch {ep[b]:g} '
+             f'(of {len(ep)}).', '']
+    plot_loss(history, out / 'loss.png', f'Loss per epoch ({model})')
+    plot_map(history, out / 'map.png', f'Validation mAP per epoch ({model})')
+    md += ['## Training curves', '', '![loss per epoch](loss.png)', '', '![mAP per epoch](map.png)', '']
+  else:
+    md += ['## Training curves', '', 'No training history given.', '']
+
+  plot_ap_bars(ap, tags, num_pos, out / 'ap_per_tag.png', f'Per-tag AP ({model})')
+  md += ['## Per-tag average precision', '', '![per-tag AP](ap_per_tag.png)', '',
+         '| tag | positives | AP | F2 threshold |', '|---|---:|---:|---:|']
+  for t, n, a, th in zip(tags, num_pos, ap, thresholds):
+    md.append(f'| {t} | {int(n)} | {_fmt(a) if np.isfinite(a) else "n/a (excluded)"} | {th:.2f} |')
+  md += [f'| **mAP** | | **{_fmt(mean_ap)}** | |', f'| **F2 at 0.5** | | {_fmt(f2_half)} | |',
+         f'| **F2 tuned** | | {_fmt(f2_tuned)} | |', '']
+
+  if np.isfinite(ap).any():
+    best = int(np.nanargmax(ap))
+    tag = tags[best]
+    plot_tail_accuracy(labels[:, best], scores[:, best], tag, out / 'tail_accuracy.png',
+                       top_n=top_n, threshold=float(thresholds[best]))
+    n_top = min(top_n, len(names))
+    acc = M.tail_accuracy(labels[:, best], scores[:, best], [0.5, float(thresholds[best])], top_n)
+    md += ['## Best tag', '',
+           f'Best tag (highest AP): **{tag}** (AP {ap[best]:.4f}, {int(num_pos[best])} positives).', '',
+           f'Tail accuracy over its top {n_top} chips, '
+           r'`sum_i 1[f_i > t] 1[pred_i == y_i] / sum_i 1[f_i > t]` with `pred_i = 1[f_i > 0.5]`, '
+           f'against t from 0.5 to 1 (NaN, not drawn, where no chip scores above t): '
+           f'{_fmt(acc[0], 3)} at t = 0.5'
+           + (f', {_fmt(acc[1], 3)} at the tuned F2 threshold {thresholds[best]:.2f}.'
+              if thresholds[best] > 0.5 else
+              f' (the tuned F2 threshold, {thresholds[best]:.2f}, is not above 0.5).'),
+           '', '![tail accuracy](tail_accuracy.png)', '']
+    if load_rgb is not None:
+      plot_chip_grid(names, labels, scores, tags, best, load_rgb, out / 'best_tag_chips.png')
+      md += [f'The 10 highest- and 10 lowest-scored chips for "{tag}" (RGB, 2-98 percentile '
+             'stretch per band; title green when the tag is true, red when not; true tags below):',
+             '', '![best tag chips](best_tag_chips.png)', '']
+    else:
+      md += ['(No chip loader given: chip grid not drawn.)', '']
+  else:
+    md += ['## Best tag', '', 'No tag has positives: no tail accuracy, no chip grid.', '']
+
+  path = out / 'report.md'
+  path.write_text('\n'.join(md))
+  return path
+
+
+# --------------------------------------------------------------------------- comparison
+
+def _best_marks(values: Sequence[float | None], higher_is_better: bool = True) -> list[str]:
+  v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+  if not np.isfinite(v).any():
+    return ['n/a'] * len(values)
+  best = np.nanmax(v) if higher_is_better else np.nanmin(v)
+  return [('n/a' if not np.isfinite(x) else f'**{x:.4f}**' if x == best else f'{x:.4f}')
+          for x in v]
+
+
+def plot_comparison_curves(histories: Sequence[Mapping], names: Sequence[str], path: Path) -> Path:
+  """Overlaid loss (train dashed, validation solid) and validation mAP per epoch, one colour a model."""
+  fig = Figure(figsize=(12, 4.5), layout='constrained')
+  ax_loss, ax_map = fig.subplots(1, 2)
+  for i, (h, n) in enumerate(zip(histories, names)):
+    c = f'C{i}'
+    ep, tr = _series(h, 'train_loss')
+    ax_loss.plot(ep, tr, '--', color=c, label=f'{n} train')
+    ep, va = _series(h, 'val_loss')
+    ax_loss.plot(ep, va, 'o-', color=c, label=f'{n} validation')
+    ep, vm = _series(h, 'val_map')
+    ax_map.plot(ep, vm, 'o-', color=c, label=n)
+  ax_loss.set(xlabel='epoch', ylabel='loss', title='Loss per epoch')
+  ax_map.set(xlabel='epoch', ylabel='validation mAP', title='Validation mAP per epoch')
+  for ax in (ax_loss, ax_map):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_comparison_ap(ap_rows: Sequence[Sequence[float | None]], names: Sequence[str],
+                       tags: Sequence[str], path: Path) -> Path:
+  """Grouped bars: per-tag AP of every model."""
+  fig = Figure(figsize=(13, 4.5), layout='constrained')
+  ax = fig.add_subplot()
+  x = np.arange(len(tags))
+  width = 0.8 / max(1, len(names))
+  for i, (row, n) in enumerate(zip(ap_rows, names)):
+    v = np.array([np.nan if a is None else a for a in row], np.float64)
+    ax.bar(x + (i - (len(names) - 1) / 2) * width, np.nan_to_num(v), width, label=n, color=f'C{i}')
+  ax.set_xticks(x, tags, rotation=45, ha='right')
+  ax.set(ylabel='average precision', ylim=(0, 1.05), title='Per-tag AP by model')
+  ax.grid(alpha=0.3, axis='y')
+  ax.legend()
+  return _save(fig, path)
+
+
+def write_comparison(workdirs: Sequence, out_dir) -> Path:
+  """Side-by-side table (per-tag AP, mAP, F2, loss; best per row in bold) and overlaid curves.
+
+  Reads each workdir's history.json and eval/metrics.json; writes ``out_dir/comparison.md``,
+  ``comparison_curves.png`` and ``comparison_ap.png``; returns the path of comparison.md.
+  """
+  if not workdirs:
+    raise ValueError('write_comparison needs at least one workdir')
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  histories, mets, names = [], [], []
+  for wd in map(Path, workdirs):
+    histories.append(read_history(wd / 'history.json'))
+    mets.append(read_metrics(wd / 'eval' / 'metrics.json'))
+    names.append(str(mets[-1].get('model') or histories[-1].get('config_model') or wd.name))
+  if len(set(names)) < len(names):  # same model twice: tell the columns apart by directory
+    names = [f'{n} ({Path(w).name})' for n, w in zip(names, workdirs)]
+  tags = list(mets[0]['ap'])
+  for m, wd in zip(mets, workdirs):
+    if list(m['ap']) != tags:
+      raise ValueError(f'{wd}: tags {list(m["ap"])} differ from {tags}')
+  ap_rows = [[m['ap'][t] for t in tags] for m in mets]
+
+  md = ['# Comparison', '',
+        'Per-tag average precision on the validation split; **bold** = best of the row. '
+        'n/a = the tag has no positives in that evaluation (excluded from its mAP).', '',
+        '| tag | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+  for j, t in enumerate(tags):
+    md.append(f'| {t} | ' + ' | '.join(_best_marks([r[j] for r in ap_rows])) + ' |')
+  best_hist = []
+  for h in histories:
+    ep, vm = _series(h, 'val_map')
+    best_hist.append(float(np.nanmax(vm)) if np.isfinite(vm).any() else None)
+  summary = [('**mAP**', [m['map'] for m in mets], True),
+             ('F2 at 0.5', [m['f2_at_0.5'] for m in mets], True),
+             ('F2 tuned', [m['f2_tuned'] for m in mets], True),
+             ('loss', [m['loss'] for m in mets], False),
+             ('best val mAP in training', best_hist, True)]
+  for label, vals, hib in summary:
+    md.append(f'| {label} | ' + ' | '.join(_best_marks(vals, hib)) + ' |')
+  md.append('')
+  excl = [f'{n}: {", ".join(m["excluded_tags"])}' for n, m in zip(names, mets) if m['excluded_tags']]
+  md += ['Excluded tags: ' + ('; '.join(excl) if excl else 'none') + '.', '',
+         'Workdirs: ' + ', '.join(f'{n} = `{Path(w).name}`' for n, w in zip(names, workdirs)), '']
+  plot_comparison_curves(histories, names, out / 'comparison_curves.png')
+  plot_comparison_ap(ap_rows, names, tags, out / 'comparison_ap.png')
+  md += ['![loss and mAP per epoch](comparison_curves.png)', '',
+         '![per-tag AP by model](comparison_ap.png)', '']
+  path = out / 'comparison.md'
+  path.write_text('\n'.join(md))
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if len(argv) < 2 or argv[0] in ('-h', '--help'):
+    print('usage: python -m rf_jax.report OUT_DIR WORKDIR [WORKDIR ...]')
+    return 2
+  print(write_comparison(argv[1:], argv[0]))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,160 @@
+"""rf_jax.report on small fake workdirs: files exist, PNGs are real pictures, markdown links them."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from rf_jax import metrics, report
+
+TAGS = ('clear', 'cloudy', 'haze', 'partly_cloudy', 'agriculture', 'artisinal_mine', 'bare_ground',
+        'blooming', 'blow_down', 'conventional_mine', 'cultivation', 'habitation', 'primary', 'road',
+        'selective_logging', 'slash_burn', 'water')
+
+
+def _history(model, epochs, rng):
+  rows = []
+  for e in range(1, epochs + 1):
+    rows.append({'epoch': e, 'step': 10 * e, 'train_loss': 0.6 / e + 0.01 * rng.random(),
+                 'val_loss': 0.5 / e + 0.1 + 0.01 * rng.random(), 'val_map': 0.3 + 0.4 * (1 - 1 / e),
+                 'val_ap': [None if k == 8 else float(rng.random()) for k in range(17)],
+                 'lr': 0.005, 'train_images_per_s': 10.0, 'epoch_seconds': 1.0})
+  rows[0]['val_map'] = None  # a missing value must not break the curves
+  return {'config_model': model, 'epochs': rows}
+
+
+def _predictions(rng, n=60, skill=0.4):
+  labels = (rng.random((n, 17)) < 0.3).astype(np.float32)
+  labels[:, 8] = 0  # blow_down: no positives -> excluded
+  scores = np.clip(skill * labels + rng.random((n, 17)) * (1 - skill), 0, 1).astype(np.float32)
+  names = np.array([f'train_{i}' for i in range(n)])
+  return {'names': names, 'labels': labels, 'scores': scores}
+
+
+def _load_rgb(name):
+  rng = np.random.default_rng(int(name.split('_')[1]))
+  return rng.integers(0, 2 ** 14, size=(32, 32, 3), dtype=np.uint16)
+
+
+def _make_workdir(tmp_path, model, seed, skill, dirname=None):
+  rng = np.random.default_rng(seed)
+  wd = tmp_path / (dirname or model)
+  (wd / 'eval').mkdir(parents=True)
+  hist = _history(model, 4, rng)
+  (wd / 'history.json').write_text(json.dumps(hist))
+  pred = _predictions(rng, skill=skill)
+  np.savez(wd / 'eval' / 'predictions.npz', **pred)
+  summary = report.metrics_summary(pred['labels'], pred['scores'], TAGS, model=model, loss=0.2,
+                                   step=40)
+  (wd / 'eval' / 'metrics.json').write_text(json.dumps(summary, allow_nan=False))
+  return wd, hist, pred
+
+
+def _assert_nontrivial_png(path):
+  assert path.is_file() and path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', path
+  img = mpimg.imread(path)
+  assert img.ndim == 3 and min(img.shape[:2]) > 200, (path, img.shape)
+  assert img[..., :3].std() > 0.05, f'{path} looks blank'
+  return img
+
+
+def test_write_report(tmp_path):
+  wd, hist, pred = _make_workdir(tmp_path, 'rgb', 0, 0.4)
+  md_path = report.write_report(wd, history=hist, predictions=pred, tags=TAGS, load_rgb=_load_rgb,
+                                top_n=20)
+  assert md_path == wd / 'report' / 'report.md'
+  md = md_path.read_text()
+  pngs = sorted(p.name for p in (wd / 'report').glob('*.png'))
+  assert pngs == sorted(['loss.png', 'map.png', 'ap_per_tag.png', 'tail_accuracy.png',
+                         'best_tag_chips.png'])
+  for name in pngs:
+    _assert_nontrivial_png(wd / 'report' / name)
+    assert f']({name})' in md
+  linked = re.findall(r'\]\(([^)]+\.png)\)', md)
+  assert sorted(linked) == pngs
+  # the per-tag table: every tag once, excluded one marked, mAP equals the metrics module's
+  for t in TAGS:
+    assert len(re.findall(rf'^\| {t} \|', md, flags=re.M)) == 1
+  assert 'blow_down | 0 | n/a (excluded)' in md
+  assert 'Excluded from mAP (no positives among these chips): blow_down.' in md
+  assert f'{metrics.mean_average_precision(pred["labels"], pred["scores"]):.4f}' in md
+  best = TAGS[int(np.nanargmax(metrics.average_precision(pred['labels'], pred['scores'])))]
+  assert f'Best tag (highest AP): **{best}**' in md
+
+
+def test_write_report_without_history_or_loader(tmp_path):
+  rng = np.random.default_rng(1)
+  pred = _predictions(rng, n=5)
+  md = report.write_report(tmp_path, history=None, predictions=pred, tags=TAGS, load_rgb=None,
+                           thresholds=0.5).read_text()
+  assert 'No training history given.' in md and 'chip grid not drawn' in md
+  assert sorted(p.name for p in (tmp_path / 'report').glob('*.png')) == ['ap_per_tag.png',
+                                                                         'tail_accuracy.png']
+
+
+def test_stretch():
+  img = np.zeros((50, 50, 3), np.uint16)
+  img[..., 0] = np.arange(50)[:, None] * 1000
+  img[..., 1] = 7  # constant band -> zeros, no division by zero
+  img[..., 2] = np.arange(50)[None, :]
+  out = report.stretch(img)
+  assert out.dtype == np.float64 and out.min() == 0 and out.max() == 1
+  assert (out[..., 1] == 0).all()
+  with pytest.raises(ValueError, match='RGB'):
+    report.stretch(np.zeros((4, 4, 4)))
+
+
+def test_metrics_summary_keys_and_json(tmp_path):
+  rng = np.random.default_rng(2)
+  pred = _predictions(rng)
+  s = report.metrics_summary(pred['labels'], pred['scores'], TAGS, model='dual', loss=float('nan'))
+  assert set(report.METRICS_JSON_KEYS) <= set(s)
+  assert list(s['ap']) == list(TAGS) and s['ap']['blow_down'] is None
+  assert s['excluded_tags'] == ['blow_down'] and s['loss'] is None
+  assert s['f2_tuned'] >= s['f2_at_0.5']
+  json.dumps(s, allow_nan=False)
+  (tmp_path / 'm.json').write_text(json.dumps({'model': 'x'}))
+  with pytest.raises(ValueError, match='missing keys'):
+    report.read_metrics(tmp_path / 'm.json')
+  with pytest.raises(FileNotFoundError, match='evaluate'):
+    report.read_metrics(tmp_path / 'nope.json')
+
+
+def test_write_comparison(tmp_path):
+  workdirs = [_make_workdir(tmp_path, m, i, skill)[0]
+              for i, (m, skill) in enumerate([('rgb', 0.2), ('rgbir', 0.4), ('dual', 0.6)])]
+  path = report.write_comparison(workdirs, tmp_path / 'cmp')
+  md = path.read_text()
+  header = next(line for line in md.splitlines() if line.startswith('| tag |'))
+  assert header == '| tag | rgb | rgbir | dual |'
+  rows = [line for line in md.splitlines() if line.startswith('| ')]
+  assert all(line.count('|') == 5 for line in rows)
+  for t in TAGS:
+    assert any(line.startswith(f'| {t} |') for line in rows)
+  map_row = next(line for line in rows if line.startswith('| **mAP** |'))
+  cells = [c.strip() for c in map_row.split('|')[2:-1]]
+  assert cells[2].startswith('**') and not cells[0].startswith('**')  # most skilful model wins
+  assert '| blow_down | n/a | n/a | n/a |' in md
+  for name in ('comparison_curves.png', 'comparison_ap.png'):
+    _assert_nontrivial_png(tmp_path / 'cmp' / name)
+    assert f']({name})' in md
+
+
+def test_write_comparison_errors(tmp_path):
+  wd, _, _ = _make_workdir(tmp_path, 'rgb', 0, 0.4)
+  (wd / 'eval' / 'metrics.json').unlink()
+  with pytest.raises(FileNotFoundError, match='metrics.json'):
+    report.write_comparison([wd], tmp_path / 'cmp')
+  with pytest.raises(ValueError):
+    report.write_comparison([], tmp_path / 'cmp')
+
+
+def test_comparison_cli(tmp_path, capsys):
+  workdirs = [_make_workdir(tmp_path, 'rgb', i, 0.4, dirname=f'run{i}')[0] for i in range(2)]
+  assert report.main([str(tmp_path / 'cmp')] + [str(w) for w in workdirs]) == 0
+  assert capsys.readouterr().out.strip().endswith('comparison.md')
+  md = (tmp_path / 'cmp' / 'comparison.md').read_text()
+  header = next(line for line in md.splitlines() if line.startswith('| tag |'))
+  assert header == '| tag | rgb (run0) | rgb (run1) |'  # same model twice: told apart by directory
