@@ -158,3 +158,16 @@ def test_comparison_cli(tmp_path, capsys):
   md = (tmp_path / 'cmp' / 'comparison.md').read_text()
   header = next(line for line in md.splitlines() if line.startswith('| tag |'))
   assert header == '| tag | rgb (run0) | rgb (run1) |'  # same model twice: told apart by directory
+
+
+def test_stretch_real_chips():
+  from pathlib import Path
+  data = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'planet'
+  if not (data / 'train_1.tif').is_file():
+    pytest.skip(f'real sample chips not found in {data} (the repo has no ../shared/data/planet)')
+  from rf_jax.data import planet
+  for name in ('train_0', 'train_1'):
+    rgb = planet.read_chip(data / f'{name}.tif')[..., :3]  # R,G,B of a uint16 Kaggle chip
+    out = report.stretch(rgb)
+    assert out.shape == rgb.shape and out.min() == 0.0 and out.max() == 1.0
+    assert (out.reshape(-1, 3).std(0) > 0.1).all(), name  # every band uses the display range
