@@ -298,7 +298,9 @@ def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags
   f2_tuned = M.f2_at(labels, scores, thresholds)
 
   md = [f'# Report: {model}', '',
-        f'Evaluated chips: {len(names)}. mAP (mean AP over tags with positives): **{_fmt(mean_ap)}**. '
+        f'Evaluated chips: {len(names)}. '
+        + (f'Loss (mean sigmoid BCE): {_fmt(loss)}. ' if loss is not None else '')
+        + f'mAP (mean AP over tags with positives): **{_fmt(mean_ap)}**. '
         f'Kaggle F2 (samples): {_fmt(f2_half)} at 0.5, {_fmt(f2_tuned)} at per-tag tuned thresholds '
         '(tuned on these same chips, so optimistic).', '']
   md.append('Excluded from mAP (no positives among these chips): '
