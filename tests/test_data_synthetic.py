@@ -1,0 +1,125 @@
+"""rf_jax.data.synthetic: layout, tags, determinism, tag-dependent content."""
+
+import numpy as np
+import pytest
+import tifffile
+
+from rf_jax.data import planet
+from rf_jax.data import synthetic
+
+
+def _tiff_tags(path):
+  with tifffile.TiffFile(path) as tif:
+    page = tif.pages.first
+    return dict(photometric=page.photometric, planar=page.planarconfig,
+                compression=page.compression, extrasamples=page.extrasamples,
+                samples=page.samplesperpixel)
+
+
+def test_kaggle_layout_and_tags(synthetic_kaggle_dir):
+  d = synthetic_kaggle_dir
+  names, labels = planet.read_labels(d / 'train_v2.csv')
+  assert names == [f'train_{i}' for i in range(len(names))]
+  assert labels.sum(1).min() >= 1
+  tif = d / 'train-tif-v2' / 'train_0.tif'
+  with tifffile.TiffFile(tif) as t:
+    assert t.pages.first.dtype == np.uint16
+  tags = _tiff_tags(tif)
+  assert tags == dict(photometric=tifffile.PHOTOMETRIC.RGB,
+                      planar=tifffile.PLANARCONFIG.CONTIG,
+                      compression=tifffile.COMPRESSION.NONE,
+                      extrasamples=(tifffile.EXTRASAMPLE.UNASSALPHA,),
+                      samples=4)
+  assert sorted(p.name for p in (d / 'test-tif-v2').iterdir()) == sorted(
+      f'test_{i}.tif' for i in range(7))
+
+
+def test_tags_like_real(real_planet_dir, synthetic_kaggle_dir):
+  assert _tiff_tags(synthetic_kaggle_dir / 'train-tif-v2' / 'train_0.tif') == \
+      _tiff_tags(real_planet_dir / 'train_0.tif')
+
+
+def test_seeded(tmp_path):
+  a = synthetic.write_dataset(tmp_path / 'a', 12, 32, seed=5, num_test=2)
+  b = synthetic.write_dataset(tmp_path / 'b', 12, 32, seed=5, num_test=2)
+  c = synthetic.write_dataset(tmp_path / 'c', 12, 32, seed=6)
+  for rel in ('train_v2.csv', 'train-tif-v2/train_11.tif',
+              'test-tif-v2/test_1.tif'):
+    assert (a / rel).read_bytes() == (b / rel).read_bytes()
+  assert (a / 'train-tif-v2/train_0.tif').read_bytes() != \
+      (c / 'train-tif-v2/train_0.tif').read_bytes()
+  assert not (c / 'test-tif-v2').exists()
+  assert synthetic.read_spec(a)['seed'] == 5
+
+
+def test_course_layout(tmp_path):
+  kaggle = synthetic.write_dataset(tmp_path / 'k', 6, 32, seed=1)
+  course = synthetic.write_dataset(tmp_path / 'c', 6, 32, seed=1,
+                                   layout='course')
+  chip = planet.read_chip(course / 'train-tif-v2' / 'train_3.tif')
+  assert chip.dtype == np.uint8
+  # Same content, 8-bit R,G,B,IR.
+  ref = planet.read_chip(kaggle / 'train-tif-v2' / 'train_3.tif')
+  np.testing.assert_array_equal(chip, synthetic.to_course(ref))
+  raw = tifffile.imread(course / 'train-tif-v2' / 'train_3.tif')
+  np.testing.assert_array_equal(raw, chip)  # stored R,G,B,IR, not B,G,R
+
+
+def test_labels_from_csv_keep_real_rows(real_planet_dir):
+  _, real = planet.read_labels(real_planet_dir / 'train_v2.csv')
+  rows = synthetic.sample_labels(500, np.random.default_rng(0),
+                                 real_planet_dir / 'train_v2.csv')
+  real_rows = {r.tobytes() for r in real}
+  assert all(r.tobytes() in real_rows for r in rows)
+
+
+def test_builtin_frequencies_match_real():
+  labels = synthetic.sample_labels(40000, np.random.default_rng(0))
+  freq = labels.mean(0)
+  for tag, count in synthetic.REAL_TAG_COUNTS.items():
+    want = count / synthetic.REAL_NUM_CHIPS
+    assert abs(freq[planet.TAG_INDEX[tag]] - want) < 0.01 + 0.1 * want, tag
+  assert (labels[:, :4].sum(1) == 1).all()
+  cloudy = labels[:, planet.TAG_INDEX['cloudy']] == 1
+  assert (labels[cloudy].sum(1) == 1).all()
+
+
+def _render(tags, seed=0, size=32):
+  row = np.zeros((1, planet.NUM_TAGS), np.float32)
+  row[0, [planet.TAG_INDEX[t] for t in tags]] = 1
+  rng = np.random.default_rng(seed)
+  noise = synthetic._noise_tiles(size, np.random.default_rng(1))
+  return synthetic.render_chips(row, size, rng, noise)[0].astype(np.int64)
+
+
+@pytest.mark.parametrize('tag', synthetic.NIR_ONLY_TAGS)
+def test_nir_only_tags(tag):
+  base = _render(['clear', 'primary'])
+  with_tag = _render(['clear', 'primary', tag])
+  np.testing.assert_array_equal(with_tag[..., :3], base[..., :3])
+  assert np.abs(with_tag[..., 3] - base[..., 3]).mean() > 100
+
+
+def test_nir_only_tags_exist_and_rgb_tags_show_in_rgb():
+  assert {'blooming', 'cultivation'} <= set(synthetic.NIR_ONLY_TAGS)
+  base = _render(['clear', 'primary'])
+  water = _render(['clear', 'primary', 'water'])
+  assert np.abs(water[..., :3] - base[..., :3]).mean() > 50
+
+
+def test_refuses_nonempty_and_leaves_nothing_when_interrupted(tmp_path,
+                                                              monkeypatch):
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'x').write_text('mine')
+  with pytest.raises(FileExistsError, match='full'):
+    synthetic.write_dataset(tmp_path / 'full', 3, 16)
+  calls = []
+
+  def fail_late(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 2:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(synthetic, 'write_tif', fail_late)
+  with pytest.raises(KeyboardInterrupt):
+    synthetic.write_dataset(tmp_path / 'new', 5, 16)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['full']
