@@ -1,0 +1,191 @@
+"""The planet_amazon TFDS builder and pipeline.prepare: round trip, stored
+statistics, no rebuild, atomic builds, recorded source and split."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from rf_jax.data import pipeline
+from rf_jax.data import planet
+from rf_jax.data import synthetic
+from rf_jax.data import tfds_planet
+
+
+def _config(raw_dir, prepared_dir, **overrides):
+  fields = dict(raw_dir=str(raw_dir), layout='auto',
+                prepared_dir=str(prepared_dir), val_fraction=0.33,
+                split_seed=321,
+                synthetic=dict(num_chips=0, chip_size=32, num_test=0, seed=0))
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def _check_round_trip(data, raw_dir, layout):
+  names, labels = planet.read_labels(raw_dir / 'train_v2.csv')
+  train_idx, val_idx = planet.split(names, 0.33, 321)
+  expected = {'train': train_idx, 'validation': val_idx}
+  for split, idx in expected.items():
+    source = getattr(data, split)
+    assert len(source) == len(idx)
+    assert list(data.names[split]) == [names[i] for i in idx]
+    for pos, i in enumerate(idx):
+      record = source[pos]
+      assert record['name'] == names[i]
+      np.testing.assert_array_equal(record['labels'], labels[i])
+      chip = planet.read_chip(raw_dir / 'train-tif-v2' / f'{names[i]}.tif',
+                              layout)
+      assert record['image'].dtype == chip.dtype
+      np.testing.assert_array_equal(record['image'], chip)
+  return names, labels, train_idx
+
+
+def test_round_trip_kaggle(prepared_synthetic, synthetic_kaggle_dir):
+  data = prepared_synthetic
+  assert data.layout == 'kaggle' and data.chip_size == 128
+  _check_round_trip(data, synthetic_kaggle_dir, 'kaggle')
+  tests = data.test
+  assert [tests[i]['name'] for i in range(len(tests))] == \
+      [f'test_{i}' for i in range(7)] == list(data.names['test'])
+  for i in range(len(tests)):
+    np.testing.assert_array_equal(
+        tests[i]['image'],
+        planet.read_chip(synthetic_kaggle_dir / 'test-tif-v2' / f'test_{i}.tif'))
+    assert not tests[i]['labels'].any()
+
+
+def test_round_trip_course(tmp_path):
+  raw = synthetic.write_dataset(tmp_path / 'raw', 20, 32, seed=3,
+                                layout='course')
+  data = pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+  assert data.layout == 'course' and data.test is None
+  _check_round_trip(data, raw, 'course')
+
+
+def test_train_stats_are_training_split_only(prepared_synthetic,
+                                             synthetic_kaggle_dir):
+  data = prepared_synthetic
+  names, _ = planet.read_labels(synthetic_kaggle_dir / 'train_v2.csv')
+  train_idx, _ = planet.split(names)
+  pixels = np.concatenate([
+      planet.read_chip(synthetic_kaggle_dir / 'train-tif-v2' /
+                       f'{names[i]}.tif').reshape(-1, 4)
+      for i in train_idx]).astype(np.float64)
+  np.testing.assert_allclose(data.mean, pixels.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(data.std, pixels.std(0), rtol=1e-5)
+  assert data.mean.dtype == np.float32 and data.mean.shape == (4,)
+
+
+def test_no_tensorflow():
+  assert importlib.util.find_spec('tensorflow') is None, \
+      'TensorFlow must not be installed: the data layer works without it'
+  assert 'tensorflow' not in sys.modules
+
+
+def test_prepared_is_reused_not_rebuilt(prepared_synthetic,
+                                        synthetic_kaggle_dir, monkeypatch):
+  # data_dir = <prepared_dir>/planet_amazon/<config>/<version>
+  prepared_dir = Path(prepared_synthetic.data_dir).parents[2]
+
+  def no_rebuild(*args, **kwargs):
+    raise AssertionError('rebuilt a prepared dataset')
+  monkeypatch.setattr(tfds_planet.PlanetAmazon, '_split_generators',
+                      no_rebuild)
+  data = pipeline.prepare(_config(synthetic_kaggle_dir, prepared_dir),
+                          '/nonexistent-workdir')
+  assert data.data_dir == prepared_synthetic.data_dir
+  np.testing.assert_array_equal(data.mean, prepared_synthetic.mean)
+
+
+def test_interrupted_build_leaves_nothing_complete(tmp_path):
+  raw = synthetic.write_dataset(tmp_path / 'raw', 16, 16, seed=2)
+  names, _ = planet.read_labels(raw / 'train_v2.csv')
+  _, val_idx = planet.split(names)
+  bad = raw / 'train-tif-v2' / f'{names[val_idx[-1]]}.tif'  # built late
+  good = bad.read_bytes()
+  bad.write_bytes(good[:100])
+  config = _config(raw, tmp_path / 'prep')
+  with pytest.raises(planet.PlanetDataError, match=str(bad)):
+    pipeline.prepare(config, tmp_path)
+  cfg = tfds_planet.make_config(raw)
+  builder = tfds_planet.load_builder(tmp_path / 'prep', cfg)
+  assert not builder.is_prepared()
+  version_dirs = list((tmp_path / 'prep').rglob('1.0.0'))
+  assert version_dirs == []
+  # A hard kill leaves TFDS's incomplete.* directory: not prepared either.
+  stale = builder.data_path.parent / 'incomplete.ABCDEF_1.0.0'
+  stale.mkdir(parents=True)
+  (stale / 'dataset_info.json').write_text('{}')
+  assert not tfds_planet.load_builder(tmp_path / 'prep', cfg).is_prepared()
+  bad.write_bytes(good)
+  data = pipeline.prepare(config, tmp_path)
+  assert len(data.train) + len(data.validation) == 16
+
+
+def test_other_split_or_source_is_not_reused(tmp_path, synthetic_kaggle_dir):
+  base = tfds_planet.make_config(synthetic_kaggle_dir)
+  assert tfds_planet.make_config(synthetic_kaggle_dir).name == base.name
+  other_seed = tfds_planet.make_config(synthetic_kaggle_dir, split_seed=1)
+  other_frac = tfds_planet.make_config(synthetic_kaggle_dir, val_fraction=0.2)
+  copy = shutil.copytree(synthetic_kaggle_dir, tmp_path / 'copy')
+  other_dir = tfds_planet.make_config(copy)
+  names = {base.name, other_seed.name, other_frac.name, other_dir.name}
+  assert len(names) == 4
+  assert 'seed1' in other_seed.name and 'val0p2' in other_frac.name
+  # Changed labels in place: another config too.
+  csv = copy / 'train_v2.csv'
+  csv.write_text(csv.read_text().replace('primary', 'primary road', 1))
+  assert tfds_planet.make_config(copy).name != other_dir.name
+
+
+def test_recorded_metadata_checked(tmp_path):
+  raw = synthetic.write_dataset(tmp_path / 'raw', 8, 16, seed=4)
+  data = pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+  meta_path = tmp_path.joinpath(data.data_dir, 'metadata.json')
+  meta = json.loads(meta_path.read_text())
+  assert meta['source_dir'] == str(raw.resolve())
+  assert meta['val_fraction'] == 0.33 and meta['split_seed'] == 321
+  meta['split_seed'] = 999
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(planet.PlanetDataError, match='another source or split'):
+    pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+
+
+def test_prepare_generates_synthetic_once(tmp_path):
+  config = _config('', '', synthetic=dict(num_chips=10, chip_size=16,
+                                          num_test=2, seed=7))
+  data = pipeline.prepare(config, tmp_path)
+  assert synthetic.read_spec(tmp_path / 'synthetic')['num_chips'] == 10
+  assert data.data_dir.startswith(str(tmp_path / 'prepared'))
+  assert len(data.test) == 2
+  again = pipeline.prepare(config, tmp_path)
+  assert again.data_dir == data.data_dir
+  config.synthetic.seed = 8
+  with pytest.raises(planet.PlanetDataError, match='synthetic.json'):
+    pipeline.prepare(config, tmp_path)
+
+
+def test_prepare_wrong_size_chip_named(tmp_path):
+  raw = synthetic.write_dataset(tmp_path / 'raw', 6, 16, seed=5)
+  odd = raw / 'train-tif-v2' / 'train_4.tif'
+  synthetic.write_tif(odd, np.zeros((20, 20, 4), np.uint16))
+  with pytest.raises(planet.PlanetDataError, match='expected 16x16') as info:
+    pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+  assert str(odd) in str(info.value)
+
+
+def test_prepare_missing_chip_named(tmp_path):
+  raw = synthetic.write_dataset(tmp_path / 'raw', 6, 16, seed=5)
+  (raw / 'train-tif-v2' / 'train_3.tif').unlink()
+  with pytest.raises(FileNotFoundError, match='train_3.tif'):
+    pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+
+
+def test_prepare_without_raw_dir():
+  with pytest.raises(planet.PlanetDataError, match='raw_dir'):
+    pipeline.prepare(_config('', ''), '/nonexistent-workdir')
