@@ -1,0 +1,198 @@
+"""The Flax ResNet-18 against torchvision's, with weights ported by models/port.py.
+
+A random-init torchvision ResNet-18 (no download) with non-trivial BatchNorm affine parameters and
+running statistics is ported, then logits and every stage's features are compared.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+torchvision = pytest.importorskip('torchvision')
+
+from rf_jax.models import port  # pylint: disable=g-import-not-at-top
+from rf_jax.models.resnet import ResNet18  # pylint: disable=g-import-not-at-top
+
+TOL = 1e-4
+
+
+def make_torch_resnet18(seed=0):
+  """Random-init torchvision ResNet-18 whose BN parameters and running stats are not 1/0."""
+  torch.manual_seed(seed)
+  model = torchvision.models.resnet18()
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0.0, 0.1)
+    model.train()
+    for _ in range(3):  # running stats move away from 0 / 1
+      model(torch.randn(4, 3, 96, 96) * 2.0 + 0.5)
+  model.eval()
+  return model
+
+
+def torch_stages(model, x):
+  """torchvision forward, returning every stage's output (NHWC numpy) and the logits."""
+  with torch.no_grad():
+    out = {}
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    out['stem'] = h
+    for i in range(1, 5):
+      h = getattr(model, f'layer{i}')(h)
+      out[f'layer{i}'] = h
+    h = torch.flatten(model.avgpool(h), 1)
+    out['pooled'] = h
+    logits = model.fc(h)
+  nhwc = {k: (v.permute(0, 2, 3, 1) if v.ndim == 4 else v).numpy() for k, v in out.items()}
+  return nhwc, logits.numpy()
+
+
+@pytest.fixture(scope='module')
+def tmodel():
+  return make_torch_resnet18()
+
+
+@pytest.fixture(scope='module')
+def variables(tmodel):
+  return port.torchvision_to_flax(tmodel.state_dict())
+
+
+@pytest.fixture(scope='module')
+def flax_eval():
+  model = ResNet18(num_classes=1000)
+
+  @jax.jit
+  def apply(variables, x):
+    logits, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+    return logits, {k: v[0] for k, v in state['intermediates'].items()}
+
+  return apply
+
+
+@pytest.fixture(scope='module')
+def compared(tmodel, variables, flax_eval):
+  """{size: (flax logits, flax stages, torch logits, torch stages)} for 224 and 256 inputs."""
+  results = {}
+  for size in (224, 256):
+    x = np.random.default_rng(size).standard_normal((2, 3, size, size), dtype=np.float32)
+    t_stages, t_logits = torch_stages(tmodel, torch.from_numpy(x))
+    f_logits, f_stages = flax_eval(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    results[size] = (np.asarray(f_logits), jax.tree.map(np.asarray, f_stages), t_logits, t_stages)
+  return results
+
+
+@pytest.mark.parametrize('size', [224, 256])
+def test_eval_logits_match_torchvision(compared, size):
+  f_logits, _, t_logits, _ = compared[size]
+  assert f_logits.shape == t_logits.shape == (2, 1000)
+  diff = np.abs(f_logits - t_logits).max()
+  print(f'\n{size}x{size}: max |logit difference| Flax vs torchvision = {diff:.3g} '
+        f'(max |logit| {np.abs(t_logits).max():.3g})')
+  assert diff < TOL
+  assert np.abs(t_logits).max() > 0.1  # the comparison is not between near-zero outputs
+
+
+@pytest.mark.parametrize('size', [224, 256])
+def test_every_stage_matches(compared, size):
+  _, f_stages, _, t_stages = compared[size]
+  assert set(f_stages) == set(t_stages)
+  for name, t in t_stages.items():
+    f = f_stages[name]
+    assert f.shape == t.shape, name
+    diff = np.abs(f - t).max()
+    print(f'{size} {name}: {f.shape} max |difference| {diff:.3g}')
+    assert diff < TOL, name  # absolute, every stage
+
+
+def test_parameter_count_equals_torchvision(tmodel):
+  shapes = jax.eval_shape(lambda: ResNet18(num_classes=1000).init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  n_params = sum(x.size for x in jax.tree.leaves(shapes['params']))
+  assert n_params == sum(p.numel() for p in tmodel.parameters()) == 11_689_512
+  n_stats = sum(x.size for x in jax.tree.leaves(shapes['batch_stats']))
+  assert n_stats == sum(b.numel() for n, b in tmodel.named_buffers() if 'running' in n)
+
+
+def test_no_conv_bias_and_torch_names(variables):
+  flat = jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+  names = {'/'.join(k.key for k in path) for path, _ in flat}
+  assert not any('conv' in n and n.endswith('bias') for n in names)
+  assert {'conv1/kernel', 'bn1/scale', 'layer1_0/conv1/kernel', 'layer2_0/downsample_0/kernel',
+          'layer2_0/downsample_1/scale', 'fc/kernel', 'fc/bias'} <= names
+
+
+def test_train_mode_matches_torch_and_updates_stats(tmodel, variables):
+  """train=True normalises with batch statistics like torch and moves the running mean the same way.
+
+  (torch keeps the unbiased running variance, Flax the biased one: variances are compared after
+  that correction.)
+  """
+  x = np.random.default_rng(1).standard_normal((2, 3, 128, 128), dtype=np.float32)
+  model = ResNet18(num_classes=1000)
+  logits, new_state = jax.jit(
+      lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+          variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  tcopy = make_torch_resnet18()
+  tcopy.train()
+  with torch.no_grad():
+    t_logits = tcopy(torch.from_numpy(x)).numpy()
+  assert np.abs(np.asarray(logits) - t_logits).max() < TOL * 10
+  old = variables['batch_stats']['layer4_1']['bn2']
+  new = new_state['batch_stats']['layer4_1']['bn2']
+  t_bn = tcopy.layer4[1].bn2
+  np.testing.assert_allclose(new['mean'], t_bn.running_mean.numpy(), atol=1e-5)
+  n = 2 * 4 * 4  # elements per channel at layer4 for a 128 px batch of 2
+  batch_var_biased = (np.asarray(new['var']) - 0.9 * old['var']) / 0.1
+  t_batch_var_unbiased = (t_bn.running_var.numpy() - 0.9 * old['var']) / 0.1
+  np.testing.assert_allclose(batch_var_biased * n / (n - 1), t_batch_var_unbiased,
+                             rtol=1e-3, atol=1e-4)
+
+
+def test_batchnorm_axis_name_gives_global_batch_statistics(variables):
+  """With axis_name, BN statistics are taken over all replicas (vmap stands in for pmap)."""
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 128, 128, 3), dtype=np.float32))
+  single = ResNet18(num_classes=1000)
+  _, s1 = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, x)
+  synced = ResNet18(num_classes=1000, axis_name='batch')
+  _, s2 = jax.jit(jax.vmap(
+      lambda x: synced.apply(variables, x[None], train=True, mutable=['batch_stats']),
+      axis_name='batch'))(x)
+  a = s1['batch_stats']['layer3_0']['bn1']['mean']
+  b = s2['batch_stats']['layer3_0']['bn1']['mean']
+  np.testing.assert_allclose(b[0], a, atol=1e-5)
+  np.testing.assert_allclose(b[1], a, atol=1e-5)
+
+
+def test_torchvision_initialisers():
+  # A quarter-width ResNet-18 (same code path, 16x fewer random numbers: CPU init is slow).
+  v = jax.jit(lambda k: ResNet18(num_classes=1000, num_filters=16).init(
+      k, jnp.zeros((1, 96, 96, 3))))(jax.random.key(0))
+  p = v['params']
+  k = np.asarray(p['layer3_0']['conv2']['kernel'])  # 3x3x64x64: fan_out 9 * 64
+  np.testing.assert_allclose(k.std(), np.sqrt(2.0 / (9 * 64)), rtol=0.03)
+  assert abs(k.mean()) < 4 * k.std() / np.sqrt(k.size)
+  stem = np.asarray(p['conv1']['kernel'])  # 7x7x3x16: fan_out 49 * 16, as torchvision
+  np.testing.assert_allclose(stem.std(), np.sqrt(2.0 / (49 * 16)), rtol=0.1)
+  np.testing.assert_array_equal(p['layer3_0']['bn2']['scale'], 1.0)
+  np.testing.assert_array_equal(p['layer3_0']['bn2']['bias'], 0.0)
+  np.testing.assert_array_equal(v['batch_stats']['bn1']['var'], 1.0)
+  bound = 1.0 / np.sqrt(128)  # fan_in of the quarter-width head
+  for leaf in (p['fc']['kernel'], p['fc']['bias']):
+    leaf = np.asarray(leaf)
+    assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
+
+
+def test_features_without_head_and_bfloat16(variables):
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128, 128, 3), dtype=np.float32))
+  trunk = {'params': {k: v for k, v in variables['params'].items() if k != 'fc'},
+           'batch_stats': variables['batch_stats']}
+  feats = jax.jit(ResNet18(num_classes=None).apply)(trunk, x)
+  assert feats.shape == (1, 512)
+  logits32 = jax.jit(ResNet18(num_classes=1000).apply)(variables, x)
+  logits16 = jax.jit(ResNet18(num_classes=1000, dtype=jnp.bfloat16).apply)(variables, x)
+  assert logits16.dtype == jnp.float32  # loss-ready whatever the compute dtype
+  assert np.abs(np.asarray(logits16) - np.asarray(logits32)).max() < 0.1 * np.abs(logits32).max() + 0.05
