@@ -1,0 +1,213 @@
+"""rf_jax.data.pipeline: train/eval batches, round trip, determinism, state."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from rf_jax.data import pipeline
+from rf_jax.data import planet
+from rf_jax.data import synthetic
+
+ALL = (0, 1, 2, 3)
+
+
+def _denormalise(data, image, bands=ALL):
+  raw = image / (1.0 / data.std[list(bands)]) + data.mean[list(bands)]
+  return np.rint(raw).astype(np.int64)
+
+
+def _chips(data, split):
+  source = getattr(data, split)
+  return [source[i] for i in range(len(source))]
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  """16 px course-layout chips: crops can be located by brute force."""
+  root = tmp_path_factory.mktemp('tiny')
+  raw = synthetic.write_dataset(root / 'raw', 30, 16, seed=9, layout='course')
+  config = ml_collections.ConfigDict(dict(
+      raw_dir=str(raw), layout='auto', prepared_dir=str(root / 'prep'),
+      val_fraction=0.33, split_seed=321,
+      synthetic=dict(num_chips=0, chip_size=16, num_test=0, seed=0)))
+  return pipeline.prepare(config, root)
+
+
+def _take(loader, n, state=None):
+  it = iter(loader)
+  if state is not None:
+    it.set_state(state)
+  return [next(it) for _ in range(n)]
+
+
+def _loader(data, **kwargs):
+  args = dict(batch_size=8, crop_size=data.chip_size, bands=ALL, seed=0,
+              num_workers=0)
+  args.update(kwargs)
+  return pipeline.train_loader(data, **args)
+
+
+@pytest.mark.parametrize('fixture', ['prepared_synthetic', 'tiny'])
+def test_train_round_trip_exact_chips_and_epochs(fixture, request):
+  """Full-size crops: every chip comes back (maybe flipped) with its labels,
+  once per epoch, in a fresh order each epoch. Both layouts."""
+  data = request.getfixturevalue(fixture)
+  records = _chips(data, 'train')
+  n = len(records)
+  by_key = {}
+  for i, r in enumerate(records):
+    by_key[r['image'].astype(np.int64).tobytes()] = (i, False)
+    by_key[r['image'][:, ::-1].astype(np.int64).tobytes()] = (i, True)
+  batches = _take(_loader(data, batch_size=5), 2 * n // 5)
+  seen = []
+  for batch in batches:
+    assert batch['image'].shape == (5, data.chip_size, data.chip_size, 4)
+    assert batch['image'].dtype == np.float32
+    for image, labels in zip(batch['image'], batch['labels']):
+      i, flipped = by_key[_denormalise(data, image).tobytes()]
+      np.testing.assert_array_equal(labels, records[i]['labels'])
+      seen.append((i, flipped))
+  epoch1, epoch2 = [i for i, _ in seen[:n]], [i for i, _ in seen[n:]]
+  assert sorted(epoch1) == sorted(epoch2) == list(range(n))
+  assert epoch1 != epoch2  # reshuffled each epoch
+  flips = [f for _, f in seen]
+  assert any(flips) and not all(flips)
+
+
+def test_train_crops_are_windows_of_the_chip(tiny):
+  records = _chips(tiny, 'train')
+  batches = _take(_loader(tiny, crop_size=12, bands=(3, 0)), 4)
+  offsets = set()
+  for image in np.concatenate([b['image'] for b in batches]):
+    assert image.shape == (12, 12, 2)
+    crop = _denormalise(tiny, image, (3, 0))
+    found = [(y, x, f) for r in records for f in (False, True)
+             for y in range(5) for x in range(5)
+             if np.array_equal(
+                 (r['image'][:, ::-1] if f else r['image'])[y:y + 12, x:x + 12]
+                 [..., [3, 0]], crop)]
+    assert found
+    offsets.add(found[0][:2])
+  assert len(offsets) > 3
+
+
+def test_train_deterministic_and_seeded(prepared_synthetic):
+  a = _take(_loader(prepared_synthetic, crop_size=96, seed=1), 6)
+  b = _take(_loader(prepared_synthetic, crop_size=96, seed=1), 6)
+  c = _take(_loader(prepared_synthetic, crop_size=96, seed=2), 6)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['labels'], y['labels'])
+  assert not np.array_equal(a[0]['image'], c[0]['image'])
+
+
+def test_restored_iterator_continues_with_next_batch(prepared_synthetic):
+  loader = _loader(prepared_synthetic, crop_size=96, bands=(0, 1, 2), seed=4)
+  it = iter(loader)
+  for _ in range(7):  # past the first epoch boundary (40 chips / 8)
+    next(it)
+  state = it.get_state()
+  assert isinstance(pipeline.state_to_json(state), dict)
+  json.dumps(pipeline.state_to_json(state))
+  expected = [next(it) for _ in range(3)]
+  restored = _take(loader, 3, state=state)
+  for x, y in zip(expected, restored):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['labels'], y['labels'])
+
+
+def test_shards_are_disjoint(prepared_synthetic):
+  data = prepared_synthetic
+  seen = []
+  for shard in range(2):
+    loader = _loader(data, batch_size=4, shard_index=shard, shard_count=2)
+    batches = _take(loader, len(data.train) // 2 // 4)
+    seen.append({_denormalise(data, im).tobytes()
+                 for b in batches for im in b['image']})
+  assert not seen[0] & seen[1]
+
+
+def test_eval_round_trip_order_mask_padding(prepared_synthetic):
+  data = prepared_synthetic
+  records = _chips(data, 'validation')
+  batches = list(pipeline.eval_batches(data, 'validation', batch_size=8,
+                                       eval_size=data.chip_size, bands=ALL))
+  assert len(batches) == -(-len(records) // 8)
+  for b in batches:
+    assert b['image'].shape == (8, 128, 128, 4) and b['mask'].shape == (8,)
+    assert b['labels'].shape == (8, 17) and b['image'].dtype == np.float32
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == len(records) and (mask[:len(records)] == 1).all()
+  images = np.concatenate([b['image'] for b in batches])
+  labels = np.concatenate([b['labels'] for b in batches])
+  for i, r in enumerate(records):
+    np.testing.assert_array_equal(_denormalise(data, images[i]), r['image'])
+    np.testing.assert_array_equal(labels[i], r['labels'])
+  assert not images[len(records):].any() and not labels[len(records):].any()
+
+
+def test_eval_resizes_and_selects_bands(prepared_synthetic):
+  data = prepared_synthetic
+  batch = next(pipeline.eval_batches(data, 'test', batch_size=4, eval_size=112,
+                                     bands=(3,)))
+  assert batch['image'].shape == (4, 112, 112, 1)
+  chip = data.test[0]['image'][..., 3:].astype(np.float32)
+  want = (pipeline.resize(chip, 112) - data.mean[3]) / data.std[3]
+  np.testing.assert_allclose(batch['image'][0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('size, out', [(256, 224), (128, 112), (64, 100),
+                                       (50, 37)])
+def test_resize_matches_torchvision_antialias(size, out):
+  torch = pytest.importorskip('torch')
+  tf = pytest.importorskip('torchvision.transforms.functional')
+  x = np.random.default_rng(0).uniform(0, 5000, (size, size, 4))
+  x = x.astype(np.float32)
+  ref = tf.resize(torch.from_numpy(x).permute(2, 0, 1), [out, out],
+                  antialias=True).permute(1, 2, 0).numpy()
+  np.testing.assert_allclose(pipeline.resize(x, out), ref, rtol=0, atol=0.1)
+
+
+def test_resize_identity_and_constant():
+  x = np.random.default_rng(0).uniform(0, 100, (20, 20, 2)).astype(np.float32)
+  np.testing.assert_array_equal(pipeline.resize(x, 20), x)
+  np.testing.assert_allclose(pipeline.resize(np.full((50, 50, 1), 7.0), 13),
+                             7.0, rtol=1e-6)
+
+
+def test_bad_arguments(prepared_synthetic):
+  with pytest.raises(ValueError, match='bands'):
+    _loader(prepared_synthetic, bands=(0, 4))
+  with pytest.raises(ValueError, match='crop_size'):
+    _loader(prepared_synthetic, crop_size=129)
+  with pytest.raises(ValueError, match='split'):
+    next(pipeline.eval_batches(prepared_synthetic, 'nope', batch_size=2,
+                               eval_size=8, bands=ALL))
+
+
+def test_steps_per_epoch(prepared_synthetic):
+  assert pipeline.steps_per_epoch(prepared_synthetic, 8) == \
+      len(prepared_synthetic.train) // 8
+
+
+def test_workers_deterministic_same_records_and_restore(prepared_synthetic):
+  """2 worker processes: batches depend only on the seed (and the worker
+  count, which decides how grain groups records into batches); per-record
+  crops are the same as without workers; state restores exactly."""
+  data = prepared_synthetic
+  kwargs = dict(crop_size=96, seed=5, batch_size=4)
+  loader = _loader(data, num_workers=2, **kwargs)
+  it = iter(loader)
+  first = [next(it) for _ in range(10)]
+  state = it.get_state()
+  expected = next(it)
+  restored = _take(loader, 1, state=state)[0]
+  np.testing.assert_array_equal(expected['image'], restored['image'])
+  again = _take(loader, 10)
+  for x, y in zip(first, again):
+    np.testing.assert_array_equal(x['image'], y['image'])
+  serial = _take(_loader(data, num_workers=0, **kwargs), 10)
+  key = lambda bs: sorted(im.tobytes() for b in bs for im in b['image'])
+  assert key(first) == key(serial)
