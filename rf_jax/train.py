@@ -88,8 +88,9 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
 
 
 def sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example loss: the mean over tags of sigmoid binary cross-entropy."""
-  return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels).mean(axis=-1)
+  """Per-example loss: the mean over tags of sigmoid binary cross-entropy, in >= float32."""
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  return optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = None):

@@ -59,7 +59,7 @@ class DualResNet(nn.Module):
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=resnet.dense_kernel_init,
                       bias_init=resnet.dense_bias_init(features.shape[-1]), name='fc')(features)
-    return jnp.asarray(logits, jnp.float32)
+    return jnp.asarray(logits, jnp.promote_types(self.dtype, jnp.float32))
 
 
 def _field(config: Any, key: str, default: Any = None) -> Any:

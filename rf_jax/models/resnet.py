@@ -134,7 +134,7 @@ class ResNet(nn.Module):
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=dense_kernel_init, bias_init=dense_bias_init(x.shape[-1]),
                  name='fc')(x)
-    return jnp.asarray(x, jnp.float32)
+    return jnp.asarray(x, jnp.promote_types(self.dtype, jnp.float32))  # bf16 -> f32, f64 stays
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
