@@ -94,7 +94,7 @@ def test_prepared_is_reused_not_rebuilt(prepared_synthetic,
 
   def no_rebuild(*args, **kwargs):
     raise AssertionError('rebuilt a prepared dataset')
-  monkeypatch.setattr(tfds_planet.PlanetAmazon, '_split_generators',
+  monkeypatch.setattr(tfds_planet.PlanetAmazon, '_shard_iterators_per_split',
                       no_rebuild)
   data = pipeline.prepare(_config(synthetic_kaggle_dir, prepared_dir),
                           '/nonexistent-workdir')
@@ -189,3 +189,14 @@ def test_prepare_missing_chip_named(tmp_path):
 def test_prepare_without_raw_dir():
   with pytest.raises(planet.PlanetDataError, match='raw_dir'):
     pipeline.prepare(_config('', ''), '/nonexistent-workdir')
+
+
+def test_many_shards_keep_order(tmp_path, monkeypatch):
+  # Real-size splits are written in many shards (TFDS holds a shard in memory).
+  monkeypatch.setattr(tfds_planet.PlanetAmazon, 'SHARD_BYTES', 3 * 16 * 16 * 8)
+  raw = synthetic.write_dataset(tmp_path / 'raw', 20, 16, seed=6, num_test=4)
+  data = pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+  shards = list(Path(data.data_dir).glob('planet_amazon-train.array_record-*'))
+  assert len(shards) == -(-len(data.train) // 3)
+  _check_round_trip(data, raw, 'kaggle')
+  assert [data.test[i]['name'] for i in range(4)] == [f'test_{i}' for i in range(4)]

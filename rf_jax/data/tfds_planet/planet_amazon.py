@@ -18,6 +18,7 @@ split (raw units, float64 accumulation) are stored in the dataset's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -124,8 +125,19 @@ class _BandStats:
                 num_pixels=self.count)
 
 
-class PlanetAmazon(tfds.core.GeneratorBasedBuilder):
-  """Planet: Understanding the Amazon from Space (17 multi-label tags)."""
+def _shards(items: list, size: int) -> list[list]:
+  return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class PlanetAmazon(tfds.core.ShardBasedBuilder):
+  """Planet: Understanding the Amazon from Space (17 multi-label tags).
+
+  A ShardBasedBuilder (the generator-based builder for sources whose order
+  we keep): each shard streams straight into its ArrayRecord file in CSV
+  order. GeneratorBasedBuilder routes every split through TFDS's shuffler,
+  which spills to `tf.io.gfile` once a split passes 1 GB (any real-size
+  Planet split), so it cannot build without TensorFlow.
+  """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First rf_jax release.'}
@@ -134,6 +146,8 @@ class PlanetAmazon(tfds.core.GeneratorBasedBuilder):
       f'space" and point manual_dir at the folder holding {LABELS_FILE} and '
       f'{TRAIN_DIR}/ (optionally {TEST_DIR}/). The course layout (8-bit RGBA '
       'TIFs, same names) works too.')
+  # TFDS keeps a shard's examples in memory while writing it: cap the shard.
+  SHARD_BYTES = 128 << 20
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
@@ -154,12 +168,11 @@ class PlanetAmazon(tfds.core.GeneratorBasedBuilder):
         }),
         supervised_keys=None,
         homepage='https://www.kaggle.com/c/planet-understanding-the-amazon-from-space',
-        # Keep CSV order on disk: evaluation reads in source order.
-        disable_shuffling=True,
+        disable_shuffling=True,  # CSV order on disk: eval reads in order.
         metadata=tfds.core.MetadataDict(),
     )
 
-  def _split_generators(self, dl_manager):
+  def _shard_iterators_per_split(self, dl_manager):
     config = self.builder_config
     raw_dir = Path(dl_manager.manual_dir).expanduser().resolve()
     if str(raw_dir) != config.source_dir:
@@ -186,31 +199,38 @@ class PlanetAmazon(tfds.core.GeneratorBasedBuilder):
         'validation': [names[i] for i in val_idx],
         'test': [p.stem for p in tests],
     }
-    train_paths = [raw_dir / TRAIN_DIR / f'{n}.tif' for n in names]
+    paths = [raw_dir / TRAIN_DIR / f'{n}.tif' for n in names]
     no_labels = np.zeros(planet.NUM_TAGS, np.float32)
-    gens = {
-        'train': self._generate_examples(
-            [(train_paths[i], labels[i]) for i in train_idx], stats=True),
-        'validation': self._generate_examples(
-            [(train_paths[i], labels[i]) for i in val_idx]),
+    items = {
+        'train': [(paths[i], labels[i]) for i in train_idx],
+        'validation': [(paths[i], labels[i]) for i in val_idx],
+        'test': [(p, no_labels) for p in tests],
     }
-    if tests:
-      gens['test'] = self._generate_examples([(p, no_labels) for p in tests])
-    return gens
+    chip_bytes = config.chip_size ** 2 * 4 * planet.LAYOUT_DTYPES[
+        config.layout].itemsize
+    per_shard = max(1, self.SHARD_BYTES // chip_bytes)
+    stats = _BandStats()
+    gens = {}
+    for split_name, split_items in items.items():
+      keyed = list(enumerate(split_items))
+      gens[split_name] = [
+          functools.partial(self._generate_examples, shard,
+                            stats if split_name == 'train' else None)
+          for shard in _shards(keyed, per_shard)]
+    return {k: v for k, v in gens.items() if v}
 
-  def _generate_examples(self, items, stats: bool = False):
+  def _generate_examples(self, keyed_items, stats: _BandStats | None):
     config = self.builder_config
-    band_stats = _BandStats()
-    for key, (path, labels) in enumerate(items):
+    for key, (path, labels) in keyed_items:
       chip = planet.read_chip(path, config.layout,
                               expected_size=config.chip_size)
-      if stats:
-        band_stats.add(chip)
+      if stats is not None:
+        stats.add(chip)
       yield key, {'image': chip, 'labels': labels, 'name': path.stem}
-    if stats:
-      # Runs when TFDS has consumed the whole train split, before it writes
-      # the metadata into the (still incomplete) dataset directory.
-      self.info.metadata['train_stats'] = band_stats.result()
+    if stats is not None:
+      # The last train shard leaves the complete statistics; TFDS writes the
+      # metadata after all splits, inside the still-incomplete directory.
+      self.info.metadata['train_stats'] = stats.result()
 
 
 def load_builder(data_dir, config: PlanetConfig) -> PlanetAmazon:
