@@ -198,5 +198,7 @@ def test_many_shards_keep_order(tmp_path, monkeypatch):
   data = pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
   shards = list(Path(data.data_dir).glob('planet_amazon-train.array_record-*'))
   assert len(shards) == -(-len(data.train) // 3)
+  # Stored uncompressed (reads ~4x faster than TFDS's default zstd).
+  assert sum(p.stat().st_size for p in shards) >= len(data.train) * 16 * 16 * 8
   _check_round_trip(data, raw, 'kaggle')
   assert [data.test[i]['name'] for i in range(4)] == [f'test_{i}' for i in range(4)]

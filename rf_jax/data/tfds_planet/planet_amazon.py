@@ -21,11 +21,15 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
+from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
+from tensorflow_datasets.core import writer as writer_lib
 
 from rf_jax.data import planet
 
@@ -125,6 +129,24 @@ class _BandStats:
                 num_pixels=self.count)
 
 
+class _ArrayRecordWriter(writer_lib.ExampleWriter):
+  """ArrayRecord without compression: TFDS's default (zstd) reads a chip in
+  ~1.1 ms, uncompressed in ~0.3 ms, for ~30% more disk on real chips (they
+  compress to ~77%). Reading is the pipeline's largest per-record cost."""
+
+  OPTIONS = 'group_size:1,uncompressed'
+
+  def write(self, path, examples):
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path),
+                                                   self.OPTIONS)
+    try:
+      for _, serialized in examples:
+        writer.write(serialized)
+    finally:
+      writer.close()
+    return None
+
+
 def _shards(items: list, size: int) -> list[list]:
   return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -148,6 +170,11 @@ class PlanetAmazon(tfds.core.ShardBasedBuilder):
       'TIFs, same names) works too.')
   # TFDS keeps a shard's examples in memory while writing it: cap the shard.
   SHARD_BYTES = 128 << 20
+
+  def _example_writer(self) -> writer_lib.ExampleWriter:
+    if self.info.file_format == file_adapters.FileFormat.ARRAY_RECORD:
+      return _ArrayRecordWriter(self.info.file_format)
+    return super()._example_writer()
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
