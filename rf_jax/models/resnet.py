@@ -112,7 +112,7 @@ class ResNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                             momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, axis_name=self.axis_name)
 
     x = jnp.asarray(x, self.dtype)
