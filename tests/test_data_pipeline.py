@@ -211,3 +211,12 @@ def test_workers_deterministic_same_records_and_restore(prepared_synthetic):
   serial = _take(_loader(data, num_workers=0, **kwargs), 10)
   key = lambda bs: sorted(im.tobytes() for b in bs for im in b['image'])
   assert key(first) == key(serial)
+  # Eval keeps the source order with workers too.
+  kwargs = dict(batch_size=8, eval_size=96, bands=(0, 1, 2))
+  parallel = list(pipeline.eval_batches(data, 'validation', num_workers=2,
+                                        **kwargs))
+  ordered = list(pipeline.eval_batches(data, 'validation', **kwargs))
+  assert len(parallel) == len(ordered)
+  for x, y in zip(parallel, ordered):
+    for k in ('image', 'labels', 'mask'):
+      np.testing.assert_array_equal(x[k], y[k])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -281,6 +282,10 @@ def train_loader(data: PlanetData, *, batch_size: int, crop_size: int,
 
   `iter(loader)` gives a grain iterator with get_state() -> bytes and
   set_state(bytes): restoring continues with the exact next batch.
+  Determinism: a record's crop/flip depends only on (seed, its position in
+  the stream); which records share a batch also depends on num_workers
+  (grain gives worker i the records i, i+n, ... to batch), so keep
+  num_workers fixed across a run and its restores.
   Batches: {'image': float32[B, crop, crop, len(bands)], 'labels': f32[B,17]}.
   """
   if not 0 < crop_size <= data.chip_size:
@@ -315,22 +320,25 @@ def eval_batches(data: PlanetData, split: str, *, batch_size: int,
   bands, mean, inv_std = _normaliser(data, bands)
   if num_workers:
     ensure_flags_parsed()
+  # No grain.Batch here: with workers, each worker would batch its own
+  # interleaved slice (records 0, 2, 4, ...). Records come back in sampler
+  # order, so batching them here keeps the source order for any num_workers.
   loader = grain.DataLoader(
       data_source=source,
       sampler=grain.IndexSampler(len(source), grain.NoSharding(),
                                  shuffle=False, num_epochs=1, seed=0),
-      operations=[ResizeNormalise(eval_size, tuple(bands), mean, inv_std),
-                  grain.Batch(batch_size, drop_remainder=False)],
+      operations=[ResizeNormalise(eval_size, tuple(bands), mean, inv_std)],
       worker_count=num_workers, read_options=_read_options(batch_size))
-  for batch in loader:
-    n = len(batch['labels'])
+  records = iter(loader)
+  while chunk := list(itertools.islice(records, batch_size)):
+    n = len(chunk)
+    images = np.zeros((batch_size,) + chunk[0]['image'].shape, np.float32)
+    labels = np.zeros((batch_size, planet.NUM_TAGS), np.float32)
     mask = np.zeros(batch_size, np.float32)
+    for i, record in enumerate(chunk):
+      images[i], labels[i] = record['image'], record['labels']
     mask[:n] = 1.0
-    if n < batch_size:
-      batch = {k: np.concatenate(
-          [v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
-    yield {'image': batch['image'], 'labels': batch['labels'], 'mask': mask}
+    yield {'image': images, 'labels': labels, 'mask': mask}
 
 
 def state_to_json(state: bytes) -> dict:
