@@ -10,6 +10,7 @@ Generates the chips and builds the TFDS dataset in --workdir (a temporary
 directory, removed afterwards, when not given; reused when it holds them).
 """
 
+import os
 import shutil
 import tempfile
 import time
@@ -18,7 +19,6 @@ from pathlib import Path
 from absl import app
 from absl import flags
 import ml_collections
-import numpy as np
 import tifffile
 
 from rf_jax.data import pipeline
@@ -30,7 +30,9 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'batch size')
 _WORKERS = flags.DEFINE_integer('num_workers', 2, 'grain worker processes')
 _BANDS = flags.DEFINE_list('bands', ['0', '1', '2', '3'], 'bands R,G,B,NIR')
 _SECONDS = flags.DEFINE_float('seconds', 20.0, 'timed seconds per measurement')
-_WORKDIR = flags.DEFINE_string('workdir', '', 'where data goes ('' = temp)')
+_WORKDIR = flags.DEFINE_string('workdir', '', "where data goes ('' = temp)")
+_REPEATS = flags.DEFINE_integer('repeats', 2, 'train measurements per setting '
+                                '(interleaved; the best is reported)')
 
 
 def _rate(next_batch, batch_size: int, seconds: float, warmup: int = 3):
@@ -70,14 +72,18 @@ def main(argv):
 
     imread = _imread_rate(paths, seconds / 2)
     results = {}
-    for workers in sorted({0, _WORKERS.value}):
-      loader = pipeline.train_loader(
-          data, batch_size=_BATCH.value, crop_size=_CROP.value, bands=bands,
-          seed=0, num_workers=workers)
-      it = iter(loader)
-      results[f'train batches, {workers} workers'] = _rate(
-          lambda: next(it), _BATCH.value, seconds)
-      del it
+    # Interleave the settings and keep the best: other processes on a shared
+    # machine only ever slow a measurement down.
+    for _ in range(_REPEATS.value):
+      for workers in sorted({0, _WORKERS.value}):
+        loader = pipeline.train_loader(
+            data, batch_size=_BATCH.value, crop_size=_CROP.value, bands=bands,
+            seed=0, num_workers=workers)
+        it = iter(loader)
+        name = f'train batches, {workers} workers'
+        rate = _rate(lambda: next(it), _BATCH.value, seconds)
+        results[name] = max(results.get(name, 0.0), rate)
+        del it
     count, start = 0, time.perf_counter()
     for batch in pipeline.eval_batches(data, 'validation',
                                        batch_size=_BATCH.value,
@@ -91,10 +97,11 @@ def main(argv):
     print(f'\n{len(data.train)} train chips {_CHIP_SIZE.value}px, crop '
           f'{_CROP.value}, bands {bands}, batch {_BATCH.value}; '
           f'generate+prepare {prep_s:.1f} s')
+    print(f'load average (1, 5, 15 min): {os.getloadavg()} on '
+          f'{os.cpu_count()} cores')
     print(f'{"tifffile.imread, 1 core":40s} {imread:8.0f} chips/s')
     for name, rate in results.items():
       print(f'{name:40s} {rate:8.0f} chips/s  ({rate / imread:.2f}x imread)')
-    np.testing.assert_(all(r > 0 for r in results.values()))
   finally:
     if not _WORKDIR.value:
       shutil.rmtree(workdir, ignore_errors=True)
