@@ -220,3 +220,12 @@ def test_workers_deterministic_same_records_and_restore(prepared_synthetic):
   for x, y in zip(parallel, ordered):
     for k in ('image', 'labels', 'mask'):
       np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_state_from_other_dataset_is_refused(prepared_synthetic, tiny):
+  it = iter(_loader(tiny, batch_size=2))
+  next(it)
+  state = it.get_state()
+  assert 'planet_amazon/course16_' in state.decode()
+  with pytest.raises(ValueError, match='in checkpoint does not match'):
+    iter(_loader(prepared_synthetic, batch_size=2)).set_state(state)

@@ -51,11 +51,15 @@ class PlanetData:
 class PlanetSource:
   """A TFDS ArrayRecord source whose records carry `name` as str.
 
-  Picklable (grain ships it to worker processes).
+  Picklable (grain ships it to worker processes). Its repr names the TFDS
+  config (which fingerprints the source and the split) and the split: grain
+  checks it when restoring an iterator state, so a state saved on another
+  dataset is refused instead of silently continuing elsewhere.
   """
 
-  def __init__(self, source):
+  def __init__(self, source, description: str = ''):
     self._source = source
+    self._description = description or repr(source)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -67,7 +71,7 @@ class PlanetSource:
             'name': name.decode() if isinstance(name, bytes) else name}
 
   def __repr__(self) -> str:
-    return f'PlanetSource({self._source!r})'
+    return f'PlanetSource({self._description}, len={len(self)})'
 
 
 def ensure_flags_parsed() -> None:
@@ -145,8 +149,10 @@ def prepare(data_config, workdir) -> PlanetData:
 def open_prepared(builder) -> PlanetData:
   """PlanetData over a prepared `tfds_planet.PlanetAmazon` builder."""
   meta = builder.info.metadata
-  sources = {s: PlanetSource(builder.as_data_source(s))
-             for s in SPLITS if s in builder.info.splits}
+  sources = {
+      s: PlanetSource(builder.as_data_source(s),
+                      f'{builder.name}/{builder.builder_config.name}/{s}')
+      for s in SPLITS if s in builder.info.splits}
   stats = meta['train_stats']
   return PlanetData(
       train=sources['train'], validation=sources['validation'],
