@@ -26,9 +26,9 @@ def _config(raw_dir, prepared_dir, **overrides):
   return ml_collections.ConfigDict(fields)
 
 
-def _check_round_trip(data, raw_dir, layout):
+def _check_round_trip(data, raw_dir, layout, val_fraction=0.33):
   names, labels = planet.read_labels(raw_dir / 'train_v2.csv')
-  train_idx, val_idx = planet.split(names, 0.33, 321)
+  train_idx, val_idx = planet.split(names, val_fraction, 321)
   expected = {'train': train_idx, 'validation': val_idx}
   for split, idx in expected.items():
     source = getattr(data, split)
@@ -202,3 +202,29 @@ def test_many_shards_keep_order(tmp_path, monkeypatch):
   assert sum(p.stat().st_size for p in shards) >= len(data.train) * 16 * 16 * 8
   _check_round_trip(data, raw, 'kaggle')
   assert [data.test[i]['name'] for i in range(4)] == [f'test_{i}' for i in range(4)]
+
+
+def test_real_chips_through_builder_and_pipeline(real_planet_dir, tmp_path):
+  """The two real chips (with their real CSV rows) in a Kaggle-layout dir."""
+  raw = tmp_path / 'raw'
+  (raw / 'train-tif-v2').mkdir(parents=True)
+  lines = (real_planet_dir / 'train_v2.csv').read_text().splitlines()[:3]
+  (raw / 'train_v2.csv').write_text('\n'.join(lines) + '\n')
+  for name in ('train_0', 'train_1'):
+    (raw / 'train-tif-v2' / f'{name}.tif').symlink_to(
+        real_planet_dir / f'{name}.tif')
+  data = pipeline.prepare(_config(raw, tmp_path / 'prep', val_fraction=0.5),
+                          tmp_path)
+  assert data.layout == 'kaggle' and data.chip_size == 256
+  _, labels = planet.read_labels(real_planet_dir / 'train_v2.csv')
+  for split in ('train', 'validation'):
+    record = getattr(data, split)[0]
+    i = int(record['name'].split('_')[1])
+    np.testing.assert_array_equal(
+        record['image'],
+        planet.read_chip(real_planet_dir / f'{record["name"]}.tif'))
+    np.testing.assert_array_equal(record['labels'], labels[i])
+  batch = next(pipeline.eval_batches(data, 'validation', batch_size=2,
+                                     eval_size=224, bands=(0, 1, 2, 3)))
+  assert batch['image'].shape == (2, 224, 224, 4)
+  assert batch['mask'].tolist() == [1.0, 0.0]
