@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from absl import logging
 import grain.python as grain
 import numpy as np
 
@@ -139,6 +140,12 @@ def prepare(data_config, workdir) -> PlanetData:
       data_config.get('split_seed', 321))
   builder = tfds_planet.load_builder(prepared_dir, config)
   if not builder.is_prepared():
+    # A killed build leaves TFDS's incomplete.* directory (never read as
+    # prepared); it may hold gigabytes, so say where it is.
+    stale = sorted(builder.data_path.parent.glob('incomplete.*'))
+    if stale:
+      logging.warning('Ignoring interrupted builds (delete to free disk): %s',
+                      ', '.join(map(str, stale)))
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(raw_dir)),
         file_format='array_record')
@@ -155,7 +162,7 @@ def open_prepared(builder) -> PlanetData:
       for s in SPLITS if s in builder.info.splits}
   stats = meta['train_stats']
   return PlanetData(
-      train=sources['train'], validation=sources['validation'],
+      train=sources['train'], validation=sources.get('validation'),
       test=sources.get('test'),
       mean=np.asarray(stats['mean'], np.float32),
       std=np.asarray(stats['std'], np.float32),
