@@ -6,7 +6,7 @@ the config, so that a restart continues exactly and an evaluation can check
 that it is restoring the model it was asked for.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 import os
 from typing import Any
@@ -87,11 +87,17 @@ def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_state: A
   manager.wait_until_finished()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Restored | None:
-  """The latest checkpoint restored into `abstract_state`'s structure, or None."""
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   check_config: Callable[[dict], None]) -> Restored | None:
+  """The latest checkpoint restored into `abstract_state`'s structure, or None.
+
+  `check_config(saved_config)` runs first, so that a checkpoint of another model
+  is refused with its own message rather than a tree mismatch.
+  """
   step = manager.latest_step()
   if step is None:
     return None
+  check_config(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
   return _restore(manager, step, ocp.args.StandardRestore(abstract_state))
 
 

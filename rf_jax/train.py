@@ -77,9 +77,7 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
   channels = len(fusion.input_bands(config.model.name))
   dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
-  if config.model.weights:
-    pretrained = port.load_weights_file(config.model.weights)
-    variables = port.init_from_pretrained(variables, pretrained, config.model, pretrained_rng)
+  variables = port.load_pretrained(variables, config.model, pretrained_rng)
   return TrainState.create(
       apply_fn=model.apply,
       params=variables['params'],
@@ -187,11 +185,10 @@ def _check_workdir(workdir: pathlib.Path) -> None:
 
 
 def _check_resumed_config(saved: dict, config: ml_collections.ConfigDict, workdir) -> None:
-  for key in ('name',):
-    if saved['model'][key] != config.model[key]:
-      raise checkpoints.CheckpointError(
-          f'{workdir} holds a run of model {saved["model"][key]!r}, but config.model.{key} is '
-          f'{config.model[key]!r}: use another --workdir or the matching config.')
+  if saved['model']['name'] != config.model.name:
+    raise checkpoints.CheckpointError(
+        f'{workdir} holds a run of model {saved["model"]["name"]!r}, but config.model.name is '
+        f'{config.model.name!r}: use another --workdir or the matching config.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
@@ -227,9 +224,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   manager = checkpoints.create_manager(workdir)
   progress = {'history': [], 'epoch_loss_total': 0.0, 'epoch_loss_count': 0}
-  restored = checkpoints.restore_latest(manager, _abstract(state))
+  restored = checkpoints.restore_latest(
+      manager, _abstract(state), lambda saved: _check_resumed_config(saved, config, workdir))
   if restored is not None:
-    _check_resumed_config(restored.config, config, workdir)
     state = restored.state
     train_iter.set_state(restored.data_state)
     progress = restored.progress

@@ -1,0 +1,172 @@
+"""train_and_evaluate end to end on tiny synthetic data: artefacts, exact resume, failures."""
+
+import json
+import math
+import pathlib
+import shutil
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from configs import dual, rgb, rgbir
+from rf_jax import checkpoints
+from rf_jax import config_checks
+from rf_jax import parallel
+from rf_jax import train
+from rf_jax.models import port
+
+torchvision = pytest.importorskip('torchvision')
+
+STUDY_CONFIGS = {'rgb': rgb, 'rgbir': rgbir, 'dual': dual}
+TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
+
+
+@pytest.fixture(scope='module')
+def weights_file(tmp_path_factory) -> pathlib.Path:
+  """A random-init torchvision ResNet-18 ported like the ImageNet one (no download)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  net = torchvision.models.resnet18()
+  variables = port.torchvision_to_flax({k: v.numpy() for k, v in net.state_dict().items()})
+  path = tmp_path_factory.mktemp('weights') / 'resnet18.msgpack'
+  port.save_weights_file(variables, path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def prepared_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp('prepared')
+
+
+def tiny(name, synthetic_kaggle_dir, prepared_dir, weights_file, num_epochs=1):
+  """The study config for `name`, shrunk to a few steps on the session's synthetic chips."""
+  config = STUDY_CONFIGS[name].get_config()
+  config.model.weights = str(weights_file)
+  config.data.raw_dir = str(synthetic_kaggle_dir)
+  config.data.prepared_dir = str(prepared_dir)
+  config.data.crop_size = 96
+  config.data.eval_size = 96
+  config.data.num_workers = 0
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_epochs = num_epochs
+  return config
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, synthetic_kaggle_dir, prepared_dir, weights_file):
+  """One finished run per study model: rgb for two epochs, the others for one."""
+  out = {}
+  for name, epochs in (('rgb', 2), ('rgbir', 1), ('dual', 1)):
+    workdir = tmp_path_factory.mktemp(name)
+    config = tiny(name, synthetic_kaggle_dir, prepared_dir, weights_file, epochs)
+    out[name] = (config, workdir, train.train_and_evaluate(config, workdir))
+  return out
+
+
+def _events(workdir: pathlib.Path) -> dict:
+  """Scalars of the TensorBoard event files: {tag: [values]} (TFRecord framing)."""
+  scalars = {}
+  for path in sorted((workdir / 'tensorboard').glob('events.out.tfevents.*')):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append(value.simple_value)
+  return scalars
+
+
+def _history(workdir) -> list:
+  return json.loads((workdir / train.HISTORY_FILE).read_text())['epochs']
+
+
+@pytest.mark.parametrize('name', ['rgb', 'rgbir', 'dual'])
+def test_run_leaves_checkpoints_history_and_events(runs, name):
+  config, workdir, state = runs[name]
+  history = _history(workdir)
+  assert [r['epoch'] for r in history] == list(range(1, config.num_epochs + 1))
+  steps_per_epoch = history[0]['step']
+  assert steps_per_epoch == 40 // config.batch_size  # 60 chips, 67% for training
+  for record in history:
+    for key in ('train_loss', 'val_loss', 'val_map', 'lr', *TIMING_KEYS):
+      assert math.isfinite(record[key]) and record[key] > 0, (key, record)
+    assert len(record['val_ap']) == 17
+  assert int(state.step) == history[-1]['step']
+
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  assert manager.latest_step() == history[-1]['step']
+  assert manager.best_step() == history[int(np.argmax([r['val_map'] for r in history]))]['step']
+
+  scalars = _events(workdir)
+  for key in ('train_loss', 'val_loss', 'val_map', 'lr'):
+    assert np.allclose(scalars[key], [r[key] for r in history], rtol=1e-6), key
+  assert all(math.isfinite(v) for values in scalars.values() for v in values)
+
+
+def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, prepared_dir,
+                                        weights_file):
+  _, full_workdir, full_state = runs['rgb']
+  config = tiny('rgb', synthetic_kaggle_dir, prepared_dir, weights_file, num_epochs=1)
+  train.train_and_evaluate(config, tmp_path)  # stopped after epoch 1 ...
+  config.num_epochs = 2
+  resumed_state = train.train_and_evaluate(config, tmp_path)  # ... and restarted
+
+  strip = lambda history: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+  assert strip(_history(tmp_path)) == strip(_history(full_workdir))
+  for got, want in zip(jax.tree.leaves(jax.device_get(resumed_state)),
+                       jax.tree.leaves(jax.device_get(full_state)), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path, monkeypatch):
+  config, workdir, _ = runs['rgbir']
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  before = (tmp_path / train.HISTORY_FILE).read_text()
+  config = config.copy_and_resolve_references()
+  config.num_epochs = 2
+  real_loss = train.sigmoid_bce
+  monkeypatch.setattr(train, 'sigmoid_bce', lambda logits, labels: real_loss(logits, labels) * jnp.nan)
+  with pytest.raises(train.NonFiniteLossError, match=r'last good checkpoint \(step 5\)'):
+    train.train_and_evaluate(config, tmp_path)
+  manager = checkpoints.create_manager(tmp_path, read_only=True)
+  assert manager.all_steps() == [5]
+  assert (tmp_path / train.HISTORY_FILE).read_text() == before
+  restored = checkpoints.restore_for_evaluation(tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.state['params']))
+
+
+def test_restarting_with_another_model_in_the_workdir_is_refused(runs, tmp_path):
+  config, workdir, _ = runs['rgbir']
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  config = config.copy_and_resolve_references()
+  config.model.name = 'dual'
+  config.num_epochs = 2
+  with pytest.raises(checkpoints.CheckpointError, match="model 'rgbir'.*config.model.name"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('model.name', 'resnet50', r"config.model.name='resnet50' is not one of rgb, rgbir, dual"),
+    ('optim.lr', -0.1, r'config.optim.lr=-0.1 must be > 0'),
+    ('dtype', 'float16', r"config.dtype='float16'"),
+    ('data.val_fraction', 1.5, r'config.data.val_fraction=1.5'),
+])
+def test_bad_config_values_name_the_key(key, value, message):
+  config = rgb.get_config()
+  section, _, field = key.rpartition('.')
+  (config[section] if section else config)[field] = value
+  with pytest.raises(config_checks.ConfigError, match=message):
+    config_checks.check(config)
+
+
+def test_batch_must_divide_over_devices(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 3)
+  with pytest.raises(parallel.DeviceCountError, match=r'config.batch_size=16 does not divide'):
+    parallel.check_batch_sizes(rgb.get_config())
