@@ -35,15 +35,36 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'train measurements per setting '
                                 '(interleaved; the best is reported)')
 
 
+def _cpu_seconds() -> float:
+  """User+system CPU of this process and all its descendants (Linux /proc;
+  NaN elsewhere). Unlike wall time it hardly moves when others load the
+  machine, and it shows what worker processes cost."""
+  if not Path('/proc/self/stat').exists():
+    return float('nan')
+  total, tick, todo = 0.0, os.sysconf('SC_CLK_TCK'), [os.getpid()]
+  while todo:
+    pid = todo.pop()
+    try:
+      fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / tick
+      for task in os.listdir(f'/proc/{pid}/task'):
+        children = Path(f'/proc/{pid}/task/{task}/children').read_text()
+        todo += [int(c) for c in children.split()]
+    except OSError:
+      continue  # Exited meanwhile.
+  return total
+
+
 def _rate(next_batch, batch_size: int, seconds: float, warmup: int = 3):
-  """chips/s of a batch source, after `warmup` batches (worker start-up)."""
+  """(chips/s, CPU ms/chip) of a batch source, after `warmup` batches."""
   for _ in range(warmup):
     next_batch()
-  count, start = 0, time.perf_counter()
+  count, start, cpu = 0, time.perf_counter(), _cpu_seconds()
   while time.perf_counter() - start < seconds:
     next_batch()
     count += batch_size
-  return count / (time.perf_counter() - start)
+  cpu_ms = (_cpu_seconds() - cpu) / count * 1e3
+  return count / (time.perf_counter() - start), cpu_ms
 
 
 def _imread_rate(paths, seconds: float) -> float:
@@ -82,26 +103,29 @@ def main(argv):
         it = iter(loader)
         name = f'train batches, {workers} workers'
         rate = _rate(lambda: next(it), _BATCH.value, seconds)
-        results[name] = max(results.get(name, 0.0), rate)
+        results[name] = max(results.get(name, (0.0, 0.0)), rate)
         del it
-    count, start = 0, time.perf_counter()
+    count, start, cpu = 0, time.perf_counter(), _cpu_seconds()
     for batch in pipeline.eval_batches(data, 'validation',
                                        batch_size=_BATCH.value,
                                        eval_size=_CROP.value, bands=bands):
       count += int(batch['mask'].sum())
       if time.perf_counter() - start > seconds:
         break
-    results['eval batches (resize), 0 workers'] = count / (
-        time.perf_counter() - start)
+    results['eval batches (resize), 0 workers'] = (
+        count / (time.perf_counter() - start),
+        (_cpu_seconds() - cpu) / count * 1e3)
 
     print(f'\n{len(data.train)} train chips {_CHIP_SIZE.value}px, crop '
           f'{_CROP.value}, bands {bands}, batch {_BATCH.value}; '
           f'generate+prepare {prep_s:.1f} s')
     print(f'load average (1, 5, 15 min): {os.getloadavg()} on '
           f'{os.cpu_count()} cores')
-    print(f'{"tifffile.imread, 1 core":40s} {imread:8.0f} chips/s')
-    for name, rate in results.items():
-      print(f'{name:40s} {rate:8.0f} chips/s  ({rate / imread:.2f}x imread)')
+    print(f'{"tifffile.imread, 1 core":40s} {imread:8.0f} chips/s  '
+          f'({1e3 / imread:.2f} ms/chip)')
+    for name, (rate, cpu_ms) in results.items():
+      print(f'{name:40s} {rate:8.0f} chips/s  ({rate / imread:.2f}x imread; '
+            f'CPU {cpu_ms:.2f} ms/chip, all processes)')
   finally:
     if not _WORKDIR.value:
       shutil.rmtree(workdir, ignore_errors=True)
