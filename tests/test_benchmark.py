@@ -1,0 +1,39 @@
+"""scripts/benchmark.py --quick end to end (tiny sizes; no timing assertions)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'benchmark.py'
+
+
+def test_quick_benchmark_end_to_end(tmp_path):
+  pytest.importorskip('torch')
+  pytest.importorskip('torchvision')
+  out = tmp_path / 'bench.json'
+  proc = subprocess.run(
+      [sys.executable, str(SCRIPT), '--quick', '--variant', 'rgb', '--size', '96',
+       '--batch', '4', '--eval-batch', '4', '--steps', '1', '--eval-steps', '1',
+       '--warmup', '0', '--pipeline-chips', '24', '--pipeline-seconds', '0.5',
+       '--json', str(out)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert '| rgb |' in proc.stdout
+  report = json.loads(out.read_text())
+  assert report['settings']['variant'] == ['rgb']
+  assert report['versions']['jax'] and report['versions']['torch']
+  row = report['results']['rgb']
+  for side in ('rf_jax', 'torch_channels_last'):
+    for phase in ('train', 'eval'):
+      assert row[side][phase]['images_per_s'] > 0
+      assert row[side][phase]['first_call_s'] > 0
+    assert row[side]['rss_peak_train_mb'] > 0
+  assert row['ratio_train_vs_channels_last'] > 0
+  assert row['ratio_eval_vs_channels_last'] > 0
+  pipe = report['pipeline']
+  assert pipe['batches_per_s'] > 0 and pipe['supply_over_demand'] > 0
+  assert pipe['workers'] >= 0
+  assert report['table'].count('\n') >= 2
