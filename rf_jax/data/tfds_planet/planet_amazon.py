@@ -1,6 +1,8 @@
 """`planet_amazon`: a TFDS builder over a Kaggle- or course-layout directory.
 
-Builds ArrayRecord shards once (no TensorFlow needed) with splits `train`,
+A `tfds.core.ShardBasedBuilder` (see PlanetAmazon for why not
+GeneratorBasedBuilder). Builds uncompressed ArrayRecord shards once, in CSV
+order and with no TensorFlow needed, with splits `train`,
 `validation` (the seeded split of `planet.split`) and `test` (when
 `test-tif-v2/` holds chips; labels are all zero there, Kaggle keeps them).
 Images are stored as raw bytes in R,G,B,NIR order and the file's dtype.
@@ -11,7 +13,7 @@ or split is never silently reused: it lives under another config name, and
 `load_builder` re-checks the recorded metadata. TFDS writes into an
 `incomplete.*` directory and renames it at the end, so an interrupted build
 leaves nothing that reads as prepared. The per-band mean/std of the training
-split (raw units, float64 accumulation) are stored in the dataset's
+split (raw units, exact integer sums) are stored in the dataset's
 `metadata.json`, written inside that same atomic rename.
 """
 
