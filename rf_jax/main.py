@@ -1,4 +1,10 @@
-"""Entry point: `python -m rf_jax.main --config configs/dual.py --workdir runs/dual`."""
+"""Entry point: `python -m rf_jax.main --config configs/dual.py --workdir runs/dual`.
+
+Modes: `train`; `evaluate` (restore, predict validation, reproduction check,
+metrics and report); `predict` (Kaggle submission for the test chips);
+`compare` (side-by-side of the --compare workdirs, written into --workdir);
+`all` (default): train, evaluate, and predict when the dataset has test chips.
+"""
 
 import sys
 
@@ -10,7 +16,9 @@ from ml_collections import config_flags
 
 from rf_jax import checkpoints
 from rf_jax import config_checks
+from rf_jax import evaluate
 from rf_jax import parallel
+from rf_jax import report
 from rf_jax import train
 from rf_jax.data import planet
 from rf_jax.models import port
@@ -18,11 +26,13 @@ from rf_jax.models import port
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, history, TensorBoard files.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to do in the workdir.')
+flags.DEFINE_enum('mode', 'all', ['all', 'train', 'evaluate', 'predict', 'compare'],
+                  'What to do in the workdir.')
+flags.DEFINE_list('compare', [], 'Workdirs to compare side by side (--mode compare).')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (one process per host).')
 config_flags.DEFINE_config_file('config', None, 'A get_config() file, e.g. configs/dual.py.',
                                 lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 # Errors that describe the user's input (the message names the file, line or key and the
 # fix): printed as one line. Anything else is a bug and keeps its traceback.
@@ -42,15 +52,28 @@ USER_ERRORS = (
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.mode == 'compare':
+    if not FLAGS.compare:
+      raise app.UsageError('--mode compare needs --compare=WORKDIR,WORKDIR,...')
+    print(report.write_comparison(FLAGS.compare, FLAGS.workdir))
+    return
+  if FLAGS.config is None:
+    raise app.UsageError('--config is required, e.g. --config configs/dual.py')
+  if not FLAGS['verbosity'].present:  # library INFO logs (orbax, tfds) drown the progress
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.multihost:
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   try:
-    if FLAGS.mode == 'train':
+    if FLAGS.mode in ('train', 'all'):
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.TrainingStopped as e:
-    logging.warning('%s', e)
+    if FLAGS.mode in ('evaluate', 'all'):
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.mode == 'predict' or (
+        FLAGS.mode == 'all' and evaluate.has_test_chips(FLAGS.config, FLAGS.workdir)):
+      evaluate.predict_test(FLAGS.config, FLAGS.workdir)
+  except train.TrainingStopped as e:  # a clean stop: exit status 0
     print(e, file=sys.stderr)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Inputs, per workdir (written by training and by ``--mode evaluate``):
 
-* ``history.json``: ``{"config_model": str, "epochs": [{"epoch", "step", "train_loss", "val_loss",
+* ``history.json``: ``{"model": str, "epochs": [{"epoch", "step", "train_loss", "val_loss",
   "val_map", "val_ap": [17 floats or null], "lr", ...}, ...]}``
 * ``eval/predictions.npz``: ``names`` str [N], ``labels`` float32 [N, 17], ``scores`` float32 [N, 17].
 * ``eval/metrics.json``, one JSON object with these keys (build it with :func:`metrics_summary`):
@@ -285,7 +285,7 @@ def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags
   if labels.shape != scores.shape or labels.shape != (len(names), len(tags)):
     raise ValueError(f'predictions: names {names.shape}, labels {labels.shape}, scores '
                      f'{scores.shape} do not match {len(tags)} tags')
-  model = model or (history or {}).get('config_model') or Path(workdir).name
+  model = model or (history or {}).get('model') or Path(workdir).name
   ap = M.average_precision(labels, scores)
   if excluded_tags is None:
     excluded_tags = [tags[i] for i in M.tags_without_positives(labels)]
@@ -422,7 +422,7 @@ def write_comparison(workdirs: Sequence, out_dir) -> Path:
   for wd in map(Path, workdirs):
     histories.append(read_history(wd / 'history.json'))
     mets.append(read_metrics(wd / 'eval' / 'metrics.json'))
-    names.append(str(mets[-1].get('model') or histories[-1].get('config_model') or wd.name))
+    names.append(str(mets[-1].get('model') or histories[-1].get('model') or wd.name))
   if len(set(names)) < len(names):  # same model twice: tell the columns apart by directory
     names = [f'{n} ({Path(w).name})' for n, w in zip(names, workdirs)]
   tags = list(mets[0]['ap'])

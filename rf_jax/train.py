@@ -9,7 +9,6 @@ exactly from the latest one when restarted in the same workdir.
 from collections.abc import Iterator
 import contextlib
 import functools
-import json
 import math
 import os
 import pathlib
@@ -18,7 +17,6 @@ import sys
 import time
 from typing import Any
 
-from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 import flax
@@ -34,6 +32,7 @@ import tqdm
 
 from rf_jax import checkpoints
 from rf_jax import config_checks
+from rf_jax import files
 from rf_jax import metrics
 from rf_jax import parallel
 from rf_jax.data import pipeline
@@ -140,13 +139,6 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _write_json(path: pathlib.Path, value) -> None:
-  """Atomic: a reader (or a crash) never sees half a file."""
-  tmp = path.with_suffix(path.suffix + '.tmp')
-  tmp.write_text(json.dumps(value, indent=1, allow_nan=False))
-  os.replace(tmp, path)
-
-
 def _finite_or_none(values) -> list:
   return [None if not math.isfinite(v) else float(v) for v in values]
 
@@ -213,8 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   state = create_train_state(jax.random.key(config.seed), config, model,
                              config.data.crop_size, learning_rate_fn)
   if is_chief:
-    logging.info('Parameters of %s:\n%s', config.model.name,
-                 parameter_overview.get_parameter_overview(state.params, include_stats=False))
+    print(f'Parameters of {config.model.name}:\n'
+          f'{parameter_overview.get_parameter_overview(state.params, include_stats=False)}')
 
   loader = pipeline.train_loader(
       data, batch_size=config.batch_size // jax.process_count(), crop_size=config.data.crop_size,
@@ -230,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     state = restored.state
     train_iter.set_state(restored.data_state)
     progress = restored.progress
-    logging.info('Resumed from step %d (%s).', restored.step, manager.directory)
+    print(f'Resumed from step {restored.step} ({manager.directory}).')
 
   runner = parallel.create_runner(
       kind, train_step, functools.partial(eval_step, flips=config.eval.flips))
@@ -300,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                   'epoch_loss_count': 0}
       save({checkpoints.BEST_METRIC: record['val_map']})
       if is_chief:
-        _write_json(workdir / HISTORY_FILE,
+        files.write_json(workdir / HISTORY_FILE,
                     {'model': config.model.name, 'epochs': progress['history']})
         for key in ('train_loss', 'val_loss', 'val_map', 'lr', 'train_images_per_s'):
           writer.add_scalar(key, record[key], step)
@@ -308,10 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           if math.isfinite(value):
             writer.add_scalar(f'val_ap/{tag}', value, step)
         writer.flush()
-        logging.info('epoch %d/%d  train_loss %.4f  val_loss %.4f  val_mAP %.4f  lr %.3g  '
-                     '%.1f img/s  %.1f s', epoch + 1, config.num_epochs, record['train_loss'],
-                     val_loss, record['val_map'], record['lr'], record['train_images_per_s'],
-                     seconds)
+        print(f'epoch {epoch + 1}/{config.num_epochs}  train_loss {record["train_loss"]:.4f}  '
+              f'val_loss {val_loss:.4f}  val_mAP {record["val_map"]:.4f}  lr {record["lr"]:.3g}  '
+              f'{record["train_images_per_s"]:.1f} img/s  {seconds:.1f} s', flush=True)
       if stop:
         raise TrainingStopped(
             f'{stop[0]} received: saved step {step} in {manager.directory}. Rerun the same '

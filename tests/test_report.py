@@ -22,7 +22,7 @@ def _history(model, epochs, rng):
                  'val_ap': [None if k == 8 else float(rng.random()) for k in range(17)],
                  'lr': 0.005, 'train_images_per_s': 10.0, 'epoch_seconds': 1.0})
   rows[0]['val_map'] = None  # a missing value must not break the curves
-  return {'config_model': model, 'epochs': rows}
+  return {'model': model, 'epochs': rows}
 
 
 def _predictions(rng, n=60, skill=0.4):
