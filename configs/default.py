@@ -25,7 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.crop_size = 224  # train: random crop + horizontal flip
   config.data.eval_size = 224  # eval: the whole chip resized
   config.data.num_workers = 2
-  config.data.prefetch = 2
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.num_chips = 0  # > 0: generate a synthetic dataset in the workdir
   config.data.synthetic.chip_size = 256

@@ -22,7 +22,7 @@ _CHOICES = {
 _POSITIVE = ('optim.lr', 'optim.decay_epochs', 'optim.decay_rate', 'batch_size',
              'eval_batch_size', 'num_epochs', 'data.crop_size', 'data.eval_size',
              'log_every_steps')
-_NON_NEGATIVE = ('optim.momentum', 'data.num_workers', 'data.prefetch',
+_NON_NEGATIVE = ('optim.momentum', 'data.num_workers',
                  'data.synthetic.num_chips', 'data.synthetic.num_test',
                  'checkpoint_every_steps', 'eval.top_n')
 

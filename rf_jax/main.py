@@ -59,8 +59,8 @@ def main(argv):
     return
   if FLAGS.config is None:
     raise app.UsageError('--config is required, e.g. --config configs/dual.py')
-  if not FLAGS['verbosity'].present:  # library INFO logs (orbax, tfds) drown the progress
-    logging.set_verbosity(logging.WARNING)
+  if not FLAGS['verbosity'].present:  # library logs (orbax, tfds) drown the progress lines
+    logging.set_verbosity(logging.ERROR)
   if FLAGS.multihost:
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
