@@ -228,3 +228,29 @@ def test_real_chips_through_builder_and_pipeline(real_planet_dir, tmp_path):
                                      eval_size=224, bands=(0, 1, 2, 3)))
   assert batch['image'].shape == (2, 224, 224, 4)
   assert batch['mask'].tolist() == [1.0, 0.0]
+
+
+def test_test_mapping_renames_test_chips(tmp_path, synthetic_kaggle_dir):
+  raw = tmp_path / 'raw'
+  shutil.copytree(synthetic_kaggle_dir, raw)
+  (raw / tfds_planet.TEST_MAPPING_FILE).write_text(
+      'old,new\ntest_0.tif,test_1.tif\ntest_1.tif,test_0.tif\n')
+  data = pipeline.prepare(_config(raw, tmp_path / 'prepared'), tmp_path)
+  names = list(data.names['test'])
+  assert names[:2] == ['test_1', 'test_0'] and names[2:] == [f'test_{i}' for i in range(2, 7)]
+  first = data.test[0]
+  assert first['name'] == 'test_1'  # the TIF published as test_0 is chip test_1
+  np.testing.assert_array_equal(
+      first['image'], planet.read_chip(raw / 'test-tif-v2' / 'test_0.tif'))
+
+
+@pytest.mark.parametrize('text,message', [
+    ('old;new\n', r'test_v2_file_mapping.csv:1: header must be "old,new"'),
+    ('old,new\ntest_0.tif\n', r'test_v2_file_mapping.csv:2: expected "old.tif,new.tif"'),
+    ('old,new\ntest_0.tif,test_5.tif\n', r'test_v2_file_mapping.csv: not a renaming'),
+])
+def test_bad_test_mapping_is_named(tmp_path, text, message):
+  path = tmp_path / tfds_planet.TEST_MAPPING_FILE
+  path.write_text(text)
+  with pytest.raises(planet.PlanetDataError, match=message):
+    planet.read_test_mapping(path)

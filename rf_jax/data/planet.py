@@ -118,6 +118,39 @@ def read_labels(csv_path) -> tuple[list[str], np.ndarray]:
   return names, np.stack(rows)
 
 
+
+TEST_MAPPING_HEADER = ('old', 'new')
+
+
+def read_test_mapping(csv_path) -> dict[str, str]:
+  """Kaggle's `test_v2_file_mapping.csv`: {tif stem: true chip name}.
+
+  Some `file_*` TIFs of test-tif-v2 were published under another chip's name;
+  row `file_4158.tif,file_18830.tif` says the TIF `file_4158` is chip
+  `file_18830`, the name a submission must use.
+  """
+  path = Path(csv_path)
+  raw = path.read_bytes()
+  reader = csv.reader(io.StringIO(_decode_csv(path, raw), newline=''))
+  header = next(reader, None)
+  if header is None or tuple(h.strip() for h in header) != TEST_MAPPING_HEADER:
+    raise PlanetDataError(f'{_location(path, 1)}: header must be "old,new", got '
+                          f'{",".join(header) if header else "an empty file"!r}')
+  mapping = {}
+  for fields in reader:
+    if not any(f.strip() for f in fields):
+      continue
+    where = _location(path, reader.line_num)
+    if len(fields) != 2 or not all(f.strip().endswith('.tif') for f in fields):
+      raise PlanetDataError(f'{where}: expected "old.tif,new.tif", got {",".join(fields)!r}')
+    old, new = (Path(f.strip()).stem for f in fields)
+    if old in mapping:
+      raise PlanetDataError(f'{where}: {old}.tif is mapped twice')
+    mapping[old] = new
+  if sorted(mapping) != sorted(mapping.values()):
+    raise PlanetDataError(f'{path}: not a renaming of the same files (old and new differ as sets)')
+  return mapping
+
 def _check_tiff_complete(path, tif: tifffile.TiffFile) -> None:
   # Uncompressed chips read past EOF as garbage/zeros in some readers: check
   # that every strip of the first page lies inside the file.

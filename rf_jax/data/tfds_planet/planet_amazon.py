@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 LABELS_FILE = 'train_v2.csv'
 TRAIN_DIR = 'train-tif-v2'
 TEST_DIR = 'test-tif-v2'
+TEST_MAPPING_FILE = 'test_v2_file_mapping.csv'
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,6 +52,7 @@ class PlanetConfig(tfds.core.BuilderConfig):
   source_dir: str = ''
   labels_sha256: str = ''
   num_test_chips: int = 0
+  test_mapping_sha256: str = ''  # '' when there is no test_v2_file_mapping.csv
 
 
 def _sha256(path: Path) -> str:
@@ -93,7 +95,9 @@ def make_config(raw_dir, layout: str = 'auto', val_fraction: float = 0.33,
   fields = dict(layout=layout, chip_size=chip_size,
                 val_fraction=float(val_fraction), split_seed=int(split_seed),
                 source_dir=str(raw_dir), labels_sha256=_sha256(labels),
-                num_test_chips=len(list_test_chips(raw_dir)))
+                num_test_chips=len(list_test_chips(raw_dir)),
+                test_mapping_sha256=(_sha256(raw_dir / TEST_MAPPING_FILE)
+                                     if (raw_dir / TEST_MAPPING_FILE).is_file() else ''))
   digest = hashlib.sha256(
       json.dumps([FORMAT_VERSION, fields], sort_keys=True).encode()
   ).hexdigest()[:12]
@@ -105,7 +109,7 @@ def make_config(raw_dir, layout: str = 'auto', val_fraction: float = 0.33,
 def config_record(config: PlanetConfig) -> dict:
   """The config fields stored in the dataset metadata (checked on load)."""
   keys = ('layout', 'chip_size', 'val_fraction', 'split_seed', 'source_dir',
-          'labels_sha256', 'num_test_chips')
+          'labels_sha256', 'num_test_chips', 'test_mapping_sha256')
   return dict(format_version=FORMAT_VERSION, config_name=config.name,
               **{k: getattr(config, k) for k in keys})
 
@@ -223,19 +227,22 @@ class PlanetAmazon(tfds.core.ShardBasedBuilder):
     if len(tests) != config.num_test_chips:
       raise planet.PlanetDataError(
           f'{raw_dir / TEST_DIR}: changed since the config was made')
+    mapping = (planet.read_test_mapping(raw_dir / TEST_MAPPING_FILE)
+               if config.test_mapping_sha256 else {})
+    test_names = [mapping.get(p.stem, p.stem) for p in tests]
     metadata = self.info.metadata
     metadata.update(config_record(config))
     metadata['names'] = {
         'train': [names[i] for i in train_idx],
         'validation': [names[i] for i in val_idx],
-        'test': [p.stem for p in tests],
+        'test': test_names,
     }
     paths = [raw_dir / TRAIN_DIR / f'{n}.tif' for n in names]
     no_labels = np.zeros(planet.NUM_TAGS, np.float32)
     items = {
-        'train': [(paths[i], labels[i]) for i in train_idx],
-        'validation': [(paths[i], labels[i]) for i in val_idx],
-        'test': [(p, no_labels) for p in tests],
+        'train': [(paths[i], labels[i], names[i]) for i in train_idx],
+        'validation': [(paths[i], labels[i], names[i]) for i in val_idx],
+        'test': [(p, no_labels, n) for p, n in zip(tests, test_names)],
     }
     chip_bytes = config.chip_size ** 2 * 4 * planet.LAYOUT_DTYPES[
         config.layout].itemsize
@@ -252,12 +259,12 @@ class PlanetAmazon(tfds.core.ShardBasedBuilder):
 
   def _generate_examples(self, keyed_items, stats: _BandStats | None):
     config = self.builder_config
-    for key, (path, labels) in keyed_items:
+    for key, (path, labels, name) in keyed_items:
       chip = planet.read_chip(path, config.layout,
                               expected_size=config.chip_size)
       if stats is not None:
         stats.add(chip)
-      yield key, {'image': chip, 'labels': labels, 'name': path.stem}
+      yield key, {'image': chip, 'labels': labels, 'name': name}
     if stats is not None:
       # The last train shard leaves the complete statistics; TFDS writes the
       # metadata after all splits, inside the still-incomplete directory.
