@@ -196,7 +196,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if steps_per_epoch == 0:
     raise config_checks.ConfigError(
         f'config.batch_size={config.batch_size} exceeds the {len(data.train)} training chips.')
-  num_steps = steps_per_epoch * config.num_epochs
   bands = fusion.input_bands(config.model.name)
 
   kind = config.parallel if jax.device_count() > 1 else 'jit'
@@ -230,10 +229,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   step = int(runner.get_state(state).step)
   writer = tensorboardX.SummaryWriter(str(workdir / 'tensorboard')) if is_chief else None
 
-  def save(metrics_=None):
+  def save(best_metric=None):
     checkpoints.save(manager, step, state=jax.device_get(runner.get_state(state)),
                      data_state=train_iter.get_state(), progress=progress, config=config,
-                     metrics=metrics_)
+                     metrics=best_metric)
+
+  def write_history():
+    if is_chief:  # also after a resume: a kill may have come between checkpoint and file
+      files.write_json(workdir / HISTORY_FILE,
+                       {'model': config.model.name, 'epochs': progress['history']})
+
+  def stopped(signal_name):
+    return TrainingStopped(f'{signal_name} received: saved step {step} in {manager.directory}. '
+                           'Rerun the same command to resume exactly from there.')
+
+  write_history()
 
   with _stop_requests() as stop:
     for epoch in range(step // steps_per_epoch, config.num_epochs):
@@ -265,9 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           if stop and step < epoch_end:
             save()
             bar.close()
-            raise TrainingStopped(
-                f'{stop[0]} received: saved step {step} in {manager.directory}. Rerun the same '
-                'command to resume exactly from there.')
+            raise stopped(stop[0])
           if mid_epoch_save:
             save()
       bar.close()
@@ -291,9 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       progress = {'history': progress['history'] + [record], 'epoch_loss_total': 0.0,
                   'epoch_loss_count': 0}
       save({checkpoints.BEST_METRIC: record['val_map']})
+      write_history()
       if is_chief:
-        files.write_json(workdir / HISTORY_FILE,
-                    {'model': config.model.name, 'epochs': progress['history']})
         for key in ('train_loss', 'val_loss', 'val_map', 'lr', 'train_images_per_s'):
           writer.add_scalar(key, record[key], step)
         for tag, value in zip(planet.TAGS, ap):
@@ -304,9 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
               f'val_loss {val_loss:.4f}  val_mAP {record["val_map"]:.4f}  lr {record["lr"]:.3g}  '
               f'{record["train_images_per_s"]:.1f} img/s  {seconds:.1f} s', flush=True)
       if stop:
-        raise TrainingStopped(
-            f'{stop[0]} received: saved step {step} in {manager.directory}. Rerun the same '
-            'command to resume exactly from there.')
+        raise stopped(stop[0])
 
   if writer is not None:
     writer.close()
