@@ -1,4 +1,4 @@
-"""Shared data fixtures (data room). Reuse them instead of writing datasets.
+"""Shared fixtures: the session's compilation cache and the data. Reuse them.
 
 * `real_planet_dir`: ../shared/data/planet beside the repository (the real
   train_v2.csv and two real chips); tests using it skip when it is absent.
@@ -9,9 +9,24 @@
   session in a temporary data_dir, default split 0.33 / seed 321).
 """
 
+import os
 from pathlib import Path
+import shutil
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the session, shared with the child
+# processes the tests start (they inherit the environment): every train_and_evaluate
+# builds fresh jitted steps, and on 2 cores a ResNet-18 compile costs 20-40 s.
+_JIT_CACHE = tempfile.mkdtemp(prefix='rf_jax_test_jit_cache_')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _JIT_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(_JIT_CACHE, ignore_errors=True)
 
 REAL_PLANET_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'planet'
 SYNTHETIC_CHIPS = 60
