@@ -99,6 +99,88 @@ def _timed(fn, batches, warmup: int, steps: int) -> dict:
 # --- rf_jax child --------------------------------------------------------------------------
 
 
+def _block_torch_for_tensorboardx() -> None:
+  """tensorboardX's writer does `try: import torch` (only to accept torch tensors): with torch
+  installed, `import rf_jax.train` loads all of torch (~0.5 GB resident, ~9 s). Import it with
+  torch hidden, as the proposed rf_jax/train.py patch does."""
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError
+  try:
+    import tensorboardX  # pylint: disable=unused-import,g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules['torch']
+
+
+def _weight_grad(x, g, kernel_shape, strides, padding, mode):
+  """d(loss)/d(kernel) of an NHWC/HWIO conv as dots over shifted input windows."""
+  import jax.numpy as jnp
+  from jax import lax
+  kh, kw, cin, cout = kernel_shape
+  _, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  sh, sw = strides
+  taps = [lax.slice(xp, (0, i, j, 0), (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1,
+                                        cin), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  if mode == 'im2col':
+    cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    return lax.dot_general(cols, g, dims).reshape(kernel_shape)
+  return jnp.stack([lax.dot_general(t, g, dims) for t in taps]).reshape(kernel_shape)
+
+
+def _fast_conv_module(mode: str, max_kernel: int):
+  """A drop-in `lax.conv_general_dilated` whose VJP computes the kernel gradient as dots
+  (`mode` 'taps' or 'im2col') instead of XLA:CPU's backprop-filter convolution."""
+  import jax
+  from jax import lax
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+  def conv(x, w, strides, padding, dn):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+  def fwd(x, w, strides, padding, dn):
+    return conv(x, w, strides, padding, dn), (x, w)
+
+  def bwd(strides, padding, dn, res, g):
+    x, w = res
+    _, vjp_x = jax.vjp(
+        lambda x_: lax.conv_general_dilated(x_, w, strides, padding, dimension_numbers=dn), x)
+    return vjp_x(g)[0], _weight_grad(x, g, w.shape, strides, padding, mode)
+
+  conv.defvjp(fwd, bwd)
+
+  def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                           precision=None, **kwargs):
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    plain = (dn == nhwc and feature_group_count == 1 and not kwargs and precision is None
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and not isinstance(padding, str) and rhs.shape[0] <= max_kernel)
+    if not plain:
+      return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                      rhs_dilation, dimension_numbers, feature_group_count,
+                                      precision=precision, **kwargs)
+    return conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), nhwc)
+
+  return conv_general_dilated
+
+
+def _patch_flax_conv(conv_general_dilated) -> None:
+  """Makes flax.linen.Conv (module default) call `conv_general_dilated`."""
+  import types
+  import flax.linen.linear as linear
+  from jax import lax
+  proxy = types.ModuleType('lax_proxy')
+  proxy.__dict__.update({k: getattr(lax, k) for k in dir(lax) if not k.startswith('__')})
+  proxy.conv_general_dilated = conv_general_dilated
+  linear.lax = proxy
+
+
 def _jax_patches(names: list[str]):
   """Speed experiments applied by monkeypatching (rf_jax itself unchanged). Each returns a
   short description; see docs/performance.md for the figures."""
@@ -107,7 +189,16 @@ def _jax_patches(names: list[str]):
   for name in names:
     if name == 'none' or not name:
       continue
-    if name == 'eval_no_loss':  # eval without the per-example loss (lower bound on eval cost)
+    if name == 'no_torch_import':
+      _block_torch_for_tensorboardx()
+      described.append(name)
+    elif name.startswith('conv_gw_'):  # conv_gw_taps, conv_gw_im2col, conv_gw_taps_3x3 ...
+      parts = name.split('_')
+      mode = parts[2]
+      max_kernel = int(parts[3][0]) if len(parts) > 3 else 7
+      _patch_flax_conv(_fast_conv_module(mode, max_kernel))
+      described.append(name)
+    elif name == 'eval_no_loss':  # eval without the per-example loss (lower bound on eval cost)
       from rf_jax import train
 
       orig = train.eval_step
@@ -271,6 +362,105 @@ def run_torch(args) -> dict:
   return result
 
 
+# --- per-convolution profile (--conv-profile) ----------------------------------------------
+
+
+def resnet18_convs(size: int, channels: int = 3):
+  """(name, count, in_hw, cin, cout, kernel, stride, pad) of every conv in ResNet-18."""
+  convs = [('stem 7x7/2', 1, size, channels, 64, 7, 2, 3)]
+  hw, cin = size // 4, 64
+  for stage, cout in enumerate((64, 128, 256, 512)):
+    if stage == 0:
+      convs.append((f'layer1 3x3 {cout}', 4, hw, cin, cout, 3, 1, 1))
+    else:
+      convs.append((f'layer{stage + 1}_0 3x3/2 {cin}->{cout}', 1, hw, cin, cout, 3, 2, 1))
+      convs.append((f'layer{stage + 1}_0 1x1/2 {cin}->{cout}', 1, hw, cin, cout, 1, 2, 0))
+      hw //= 2
+      convs.append((f'layer{stage + 1} 3x3 {cout}', 3, hw, cout, cout, 3, 1, 1))
+    cin = cout
+  return convs
+
+
+def run_convs(args) -> dict:
+  """Forward and forward+backward of each ResNet-18 conv shape at the train batch, timed alone
+  (the stem's input gradient is not computed, as in training)."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  out = {'framework': args._framework, 'convs': []}
+  if args._framework == 'torch':
+    import torch
+    torch.set_num_threads(_cores())
+    fmt = torch.channels_last if args.layout == 'channels_last' else torch.contiguous_format
+  else:
+    import jax
+    from jax import lax
+  for name, count, hw, cin, cout, k, s, p in resnet18_convs(args.size):
+    x = rng.standard_normal((args.batch, hw, hw, cin), np.float32)
+    w = (rng.standard_normal((k, k, cin, cout)) * 0.05).astype(np.float32)
+    ho = (hw + 2 * p - k) // s + 1
+    dy = rng.standard_normal((args.batch, ho, ho, cout), np.float32)
+    stem = name.startswith('stem')
+    if args._framework == 'torch':
+      xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+      wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=fmt)
+      dyt = torch.from_numpy(dy).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+      xt.requires_grad_(not stem)
+      wt.requires_grad_()
+
+      def fwd():
+        with torch.no_grad():
+          torch.nn.functional.conv2d(xt, wt, stride=s, padding=p)
+
+      def both():
+        xt.grad = wt.grad = None
+        torch.nn.functional.conv2d(xt, wt, stride=s, padding=p).backward(dyt)
+      fns = {'fwd': lambda _: fwd(), 'fwd_bwd': lambda _: both()}
+    else:
+      conv = lambda x_, w_: lax.conv_general_dilated(
+          x_, w_, (s, s), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      xj, wj, dyj = (jax.device_put(a) for a in (x, w, dy))
+      f = jax.jit(conv)
+      if stem:
+        fb = jax.jit(lambda x_, w_, g: jax.vjp(lambda w2: conv(x_, w2), w_)[1](g))
+      else:
+        fb = jax.jit(lambda x_, w_, g: jax.vjp(conv, x_, w_)[1](g))
+      gw = jax.jit(lambda x_, w_, g: jax.vjp(lambda w2: conv(x_, w2), w_)[1](g))
+      fns = {'fwd': lambda _: f(xj, wj).block_until_ready(),
+             'fwd_bwd': lambda _: jax.block_until_ready(fb(xj, wj, dyj)),
+             'weight_grad': lambda _: jax.block_until_ready(gw(xj, wj, dyj))}
+    row = {'name': name, 'count': count}
+    for key, fn in fns.items():
+      row[key] = _timed(fn, [None], 1, args.steps)['median_s']
+    out['convs'].append(row)
+  return out
+
+
+def conv_profile(args) -> dict:
+  sides = [('rf_jax', 'jax', None)] + [(f'torch_{l}', 'torch', l) for l in args.torch_layouts]
+  results = {}
+  for side, framework, layout in sides:
+    results[side] = _child(args, 'convs', None, layout, framework)['convs']
+  names = [r['name'] for r in results['rf_jax']]
+  lines = ['| conv (batch %d, %d px input) | count | ' % (args.batch, args.size)
+           + ' | '.join(f'{s} fwd ms | {s} fwd+bwd ms' for s in results)
+           + ' | rf_jax weight-grad alone ms |', '|' + '---|' * (2 + 2 * len(results) + 1)]
+  totals = {s: [0.0, 0.0] for s in results}
+  for i, name in enumerate(names):
+    count = results['rf_jax'][i]['count']
+    cells = [name, str(count)]
+    for s, rows in results.items():
+      cells += [f'{rows[i]["fwd"] * 1e3:.1f}', f'{rows[i]["fwd_bwd"] * 1e3:.1f}']
+      totals[s][0] += count * rows[i]['fwd']
+      totals[s][1] += count * rows[i]['fwd_bwd']
+    cells.append(f'{results["rf_jax"][i]["weight_grad"] * 1e3:.1f}')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  cells = ['all 20 convs (sum x count)', '20']
+  for s in results:
+    cells += [f'{totals[s][0] * 1e3:.0f}', f'{totals[s][1] * 1e3:.0f}']
+  lines.append('| ' + ' | '.join(cells + ['']) + ' |')
+  return {'convs': results, 'totals_s': totals, 'table': '\n'.join(lines)}
+
+
 # --- input pipeline child ------------------------------------------------------------------
 
 
@@ -338,7 +528,8 @@ def _load() -> list[float] | None:
     return None
 
 
-def _child(args, kind: str, variant: str | None = None, layout: str | None = None) -> dict:
+def _child(args, kind: str, variant: str | None = None, layout: str | None = None,
+           framework: str | None = None) -> dict:
   """Runs one measurement in a fresh process; returns its JSON result."""
   with tempfile.TemporaryDirectory() as tmp:
     out = pathlib.Path(tmp) / 'result.json'
@@ -348,8 +539,10 @@ def _child(args, kind: str, variant: str | None = None, layout: str | None = Non
       cmd += ['--variant', variant]
     if layout:
       cmd += ['--torch-layouts', layout]
+    if framework:
+      cmd += ['--_framework', framework]
     env = dict(os.environ)
-    if kind == 'jax' and args.xla_flags:
+    if (kind == 'jax' or framework == 'jax') and args.xla_flags:
       env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
     env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     start = time.perf_counter()
@@ -388,6 +581,8 @@ def _ips(runs: list[dict], phase: str, batch: int) -> dict | None:
   pooled = [t for r in runs for t in r[phase]['step_s']]
   return {
       'images_per_s': batch / statistics.median(pooled),
+      # The least-disturbed step: on a shared machine, contention only ever slows a step down.
+      'best_step_images_per_s': batch / min(pooled),
       'per_round_images_per_s': [batch / r[phase]['median_s'] for r in runs],
       'first_call_s': statistics.median(r[phase]['first_call_s'] for r in runs),
       'steps_timed': len(pooled),
@@ -420,6 +615,18 @@ def summarise(args, runs: dict) -> dict:
           if row['rf_jax'][phase] and ref[phase]:
             row[f'ratio_{phase}_vs_{layout}'] = (row['rf_jax'][phase]['images_per_s']
                                                  / ref[phase]['images_per_s'])
+      # The honest reference: PyTorch at its fastest measured layout, per variant and phase.
+      for phase in ('train', 'eval'):
+        refs = [(row[f'torch_{l}'][phase]['images_per_s'], l) for l in args.torch_layouts
+                if row.get(f'torch_{l}', {}).get(phase)]
+        if refs and row['rf_jax'][phase]:
+          best, layout = max(refs)
+          row[f'ratio_{phase}_vs_best'] = row['rf_jax'][phase]['images_per_s'] / best
+          row[f'best_torch_layout_{phase}'] = layout
+          best_step = max(row[f'torch_{l}'][phase]['best_step_images_per_s']
+                          for l in args.torch_layouts if row.get(f'torch_{l}', {}).get(phase))
+          row[f'best_step_ratio_{phase}'] = (row['rf_jax'][phase]['best_step_images_per_s']
+                                             / best_step)
     rows[variant] = row
   return rows
 
@@ -429,35 +636,35 @@ def _fmt(x, spec='.1f'):
 
 
 def table(report: dict) -> str:
+  """Markdown: per variant and phase, images/s of each side and rf_jax / PyTorch (the faster
+  torch layout), from the pooled median step and from the best step."""
   layouts = report['settings']['torch_layouts']
-  ref = layouts[0] if layouts else None
-  lines = []
-  head = ['variant', 'rf_jax train img/s']
-  head += [f'torch {l} train img/s' for l in layouts]
-  head += [f'train ratio vs {l}' for l in layouts]
-  head += ['rf_jax eval img/s'] + [f'torch {l} eval img/s' for l in layouts]
-  head += [f'eval ratio vs {l}' for l in layouts]
-  head += ['rf_jax compile s (train/eval)', 'peak RSS train MB rf_jax / torch'
-           + (f' {ref}' if ref else '')]
-  lines.append('| ' + ' | '.join(head) + ' |')
-  lines.append('|' + '---|' * len(head))
+  short = {'channels_last': 'CL', 'contiguous': 'NCHW'}
+  head = ['variant', 'phase', 'rf_jax img/s']
+  head += [f'torch {short[l]} img/s' for l in layouts]
+  head += ['rf_jax / torch (median)', 'rf_jax / torch (best step)', 'rf_jax first call s',
+           'peak RSS train MB rf_jax / ' + ' / '.join(f'torch {short[l]}' for l in layouts)]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for variant, row in report['results'].items():
     jx = row.get('rf_jax', {})
+    for phase in ('train', 'eval'):
+      if not (jx.get(phase) or any(row.get(f'torch_{l}', {}).get(phase) for l in layouts)):
+        continue
 
-    def ips(side, phase):
-      s = row.get(side, {}).get(phase)
-      return s['images_per_s'] if s else None
-    cells = [variant, _fmt(ips('rf_jax', 'train'))]
-    cells += [_fmt(ips(f'torch_{l}', 'train')) for l in layouts]
-    cells += [_fmt(row.get(f'ratio_train_vs_{l}'), '.2f') + 'x' for l in layouts]
-    cells += [_fmt(ips('rf_jax', 'eval'))] + [_fmt(ips(f'torch_{l}', 'eval')) for l in layouts]
-    cells += [_fmt(row.get(f'ratio_eval_vs_{l}'), '.2f') + 'x' for l in layouts]
-    first = lambda phase: (jx.get(phase) or {}).get('first_call_s')
-    cells.append(f'{_fmt(first("train"))} / {_fmt(first("eval"))}')
-    ref_side = row.get(f'torch_{ref}', {}) if ref else {}
-    cells.append(f'{_fmt(jx.get("rss_peak_train_mb"), ".0f")} / '
-                 f'{_fmt(ref_side.get("rss_peak_train_mb"), ".0f")}')
-    lines.append('| ' + ' | '.join(cells) + ' |')
+      def ips(side):
+        s = row.get(side, {}).get(phase)
+        return s['images_per_s'] if s else None
+      cells = [variant, phase, _fmt(ips('rf_jax'))]
+      cells += [_fmt(ips(f'torch_{l}')) for l in layouts]
+      best = row.get(f'best_torch_layout_{phase}')
+      cells.append(_fmt(row.get(f'ratio_{phase}_vs_best'), '.2f') + 'x'
+                   + (f' (vs {short[best]})' if best and len(layouts) > 1 else ''))
+      cells.append(_fmt(row.get(f'best_step_ratio_{phase}'), '.2f') + 'x')
+      cells.append(_fmt((jx.get(phase) or {}).get('first_call_s')))
+      cells.append(' / '.join(_fmt(row.get(side, {}).get('rss_peak_train_mb'), '.0f')
+                              for side in ['rf_jax'] + [f'torch_{l}' for l in layouts])
+                   if phase == 'train' else '')
+      lines.append('| ' + ' | '.join(cells) + ' |')
   pipe = report.get('pipeline')
   if pipe:
     lines.append('')
@@ -556,7 +763,11 @@ def parse_args(argv):
   p.add_argument('--quick', action='store_true',
                  help='smoke test (< 2 min): 128 px, batch 8/16, 2 steps, 1 round')
   p.add_argument('--json', default='', help='write the report here')
-  p.add_argument('--_child', choices=('jax', 'torch', 'pipeline'), help=argparse.SUPPRESS)
+  p.add_argument('--conv-profile', action='store_true',
+                 help='instead: time each ResNet-18 conv shape alone (fwd, fwd+bwd) per framework')
+  p.add_argument('--_child', choices=('jax', 'torch', 'pipeline', 'convs'),
+                 help=argparse.SUPPRESS)
+  p.add_argument('--_framework', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   p.add_argument('--_out', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   quick = dict(batch=8, eval_batch=16, size=128, steps=2, eval_steps=2, warmup=1, rounds=1,
@@ -591,8 +802,14 @@ def main(argv=None):
       app.run(child_main, argv=sys.argv[:1])
       return
     args.variant = args.variant[0]
-    result = run_jax(args) if args._child == 'jax' else run_torch(args)
+    result = {'jax': run_jax, 'torch': run_torch, 'convs': run_convs}[args._child](args)
     pathlib.Path(args._out).write_text(json.dumps(result))
+    return
+  if args.conv_profile:
+    report = conv_profile(args)
+    print(report['table'])
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return
   report = orchestrate(args)
   print()
