@@ -51,6 +51,10 @@ class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or infinite."""
 
 
+class WorkdirError(OSError):
+  """The workdir cannot be created or written."""
+
+
 class TrainingStopped(Exception):
   """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
 
@@ -172,8 +176,8 @@ def _check_workdir(workdir: pathlib.Path) -> None:
     probe.write_text('')
     probe.unlink()
   except OSError as e:
-    raise OSError(f'workdir {workdir} is not writable ({e.strerror}): choose another '
-                  '--workdir or fix its permissions.') from e
+    raise WorkdirError(f'workdir {workdir} is not writable ({e.strerror or e}): choose another '
+                       '--workdir or fix its permissions.') from None
 
 
 def _check_resumed_config(saved: dict, config: ml_collections.ConfigDict, workdir) -> None:
