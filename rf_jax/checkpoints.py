@@ -8,7 +8,9 @@ that it is restoring the model it was asked for.
 
 from collections.abc import Callable, Mapping
 import dataclasses
+import glob
 import os
+import sys
 from typing import Any
 
 import ml_collections
@@ -17,6 +19,7 @@ from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = 'checkpoints'
 BEST_METRIC = 'val_map'
+TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax writes <step>.orbax-checkpoint-tmp..., then renames
 
 
 class CheckpointError(RuntimeError):
@@ -54,8 +57,14 @@ def create_manager(workdir: str | os.PathLike, *, read_only: bool = False) -> oc
       read_only=read_only,
       create=not read_only,
   )
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not read_only:  # orbax deletes them silently when the manager opens: say so
+    leftovers = sorted(glob.glob(os.path.join(glob.escape(directory), '*' + TMP_MARKER + '*')))
+    if leftovers:
+      print(f'Removing {len(leftovers)} unfinished checkpoint write(s) (a kill or a full disk '
+            f'interrupted them; never restored): {", ".join(leftovers)}', file=sys.stderr)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      directory,
       options=options,
       item_names=('state', 'data', 'progress', 'config'),
   )
@@ -72,7 +81,26 @@ def _from_json_safe(saved: Mapping[str, Any]) -> Any:
 def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_state: Any,
          progress: dict, config: ml_collections.ConfigDict,
          metrics: Mapping[str, float] | None = None) -> None:
-  """Saves synchronously; orbax writes to a temporary directory and renames it."""
+  """Saves synchronously; orbax writes to a temporary directory and renames it.
+
+  A failed write (disk full, quota, permissions) raises CheckpointError; the
+  previous checkpoint is untouched (orbax only renames a complete write), and
+  the partial temporary directory is removed when the next manager opens.
+  """
+  previous = manager.latest_step()
+  try:
+    _save(manager, step, state=state, data_state=data_state, progress=progress, config=config,
+          metrics=metrics)
+  except OSError as e:
+    kept = (f'the previous checkpoint (step {previous}) is intact' if previous is not None
+            else 'no earlier checkpoint exists')
+    raise CheckpointError(
+        f'could not write the checkpoint of step {step} in {manager.directory} '
+        f'({e.strerror or e}): {kept}. Free disk space (or fix the directory), then rerun the '
+        'same command to resume from it.') from e
+
+
+def _save(manager, step, *, state, data_state, progress, config, metrics) -> None:
   manager.save(
       step,
       args=ocp.args.Composite(
