@@ -6,6 +6,7 @@ metrics and report); `predict` (Kaggle submission for the test chips);
 `all` (default): train, evaluate, and predict when the dataset has test chips.
 """
 
+import re
 import sys
 
 from absl import app
@@ -44,9 +45,44 @@ USER_ERRORS = (
     port.WeightsMismatchError,
     port.WeightsFileError,
     train.NonFiniteLossError,
+    train.WorkdirError,
     FileNotFoundError,
     PermissionError,
 )
+
+
+def _config_arg(argv, missing: str) -> str:
+  """The --config.* argument that names the key `missing` (or a generic hint)."""
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if missing in key.split('.'):
+        return arg
+  return f'--config.*{missing}'
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every mistake reported as one `error:` line (exit 1)."""
+  try:
+    rest = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # a config file loads lazily: fail here rather than deep in a run
+    return rest
+  except OSError as e:  # the config file is missing or does not load
+    print(f'error: --config: {" ".join(str(e).split())}', file=sys.stderr)
+  except flags.Error as e:
+    message = ' '.join(str(e).split())
+    hint = (' Every config key and its type is in configs/default.py.'
+            if '--config' in message else ' See --helpfull.')
+    print(f'error: {message}.{hint}', file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # an override of a key the config does not have
+    found = re.search(r"'([A-Za-z_]\w*)\\*'", str(e))
+    missing = found.group(1) if found else str(e)
+    suggestion = re.search(r'[Dd]id you mean "[^"]+"', str(e))
+    print(f'error: {_config_arg(argv, missing)}: the config has no key {missing!r}'
+          f'{" (" + suggestion.group(0) + "?)" if suggestion else ""}; every key is '
+          'in configs/default.py, e.g. --config.data.crop_size=224.', file=sys.stderr)
+  sys.exit(1)
 
 
 def main(argv):
@@ -81,4 +117,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
