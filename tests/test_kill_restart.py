@@ -1,0 +1,206 @@
+"""Pre-emption: SIGKILL at random moments and SIGTERM lose nothing; the resumed run is exact.
+
+The smallest real run (rgb from scratch, 5 steps an epoch, 2 epochs, a checkpoint every 2
+steps so that kills mid-epoch resume mid-epoch) is started as `python -m rf_jax.main` and
+killed with SIGKILL at several random points: during start-up, and at a random delay after
+each new checkpoint (mid-step, mid-save, mid-evaluation). Each time it is restarted with the
+same command. The finished run's history (without the timing keys) and every saved array
+equal an uninterrupted run's exactly. The session's persistent compilation cache
+(tests/conftest.py) makes each restart load the compiled steps instead of recompiling.
+Set RF_JAX_KILL_SEED to draw other kill points.
+"""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+import unittest.mock
+
+import jax
+import numpy as np
+import pytest
+
+from configs import rgb
+from rf_jax import checkpoints
+from rf_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
+EPOCHS, STEPS_PER_EPOCH, EVERY = 2, 5, 2
+FINAL_STEP = EPOCHS * STEPS_PER_EPOCH
+KILLS_AFTER_A_CHECKPOINT = 4
+
+
+def tiny(raw_dir, prepared_dir):
+  config = rgb.get_config()
+  config.model.weights = ''
+  config.data.raw_dir = str(raw_dir)
+  config.data.prepared_dir = str(prepared_dir)
+  config.data.crop_size = 96
+  config.data.eval_size = 96
+  config.data.num_workers = 0
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_epochs = EPOCHS
+  config.checkpoint_every_steps = EVERY
+  return config
+
+
+def command(config, workdir) -> list[str]:
+  return [sys.executable, '-m', 'rf_jax.main', '--mode', 'train', '--workdir', str(workdir),
+          '--config', str(REPO / 'configs' / 'rgb.py'),
+          '--config.model.weights=',
+          f'--config.data.raw_dir={config.data.raw_dir}',
+          f'--config.data.prepared_dir={config.data.prepared_dir}',
+          '--config.data.crop_size=96', '--config.data.eval_size=96',
+          '--config.data.num_workers=0', '--config.batch_size=8', '--config.eval_batch_size=16',
+          f'--config.num_epochs={EPOCHS}', f'--config.checkpoint_every_steps={EVERY}']
+
+
+def start(config, workdir) -> subprocess.Popen:
+  return subprocess.Popen(command(config, workdir), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def saved_steps(workdir) -> list[int]:
+  """Complete checkpoints only (orbax renames <step>.orbax-checkpoint-tmp into <step>)."""
+  directory = pathlib.Path(workdir) / checkpoints.CHECKPOINT_DIR
+  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.is_dir() else []
+
+
+def wait_for_checkpoint_after(proc, workdir, step: int, timeout: float = 240) -> bool:
+  """Waits until a checkpoint later than `step` exists; False if the process ended first."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if any(s > step for s in saved_steps(workdir)):
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.02)
+  raise TimeoutError(f'no checkpoint after step {step} in {workdir} within {timeout} s')
+
+
+def strip(history) -> list:
+  return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in history]
+
+
+def history(workdir) -> list:
+  return json.loads((pathlib.Path(workdir) / train.HISTORY_FILE).read_text())['epochs']
+
+
+def final_arrays(workdir) -> list:
+  restored = checkpoints.restore_for_evaluation(workdir, FINAL_STEP)
+  return jax.tree_util.tree_flatten_with_path(restored.state)[0]
+
+
+def assert_same_run(workdir, reference_workdir) -> float:
+  """History and every array of the final checkpoint (params, BatchNorm, momentum, step) equal."""
+  got, want = history(workdir), history(reference_workdir)
+  assert strip(got) == strip(want)
+  assert saved_steps(workdir)[-1] == FINAL_STEP
+  for (path, a), (path_b, b) in zip(final_arrays(workdir), final_arrays(reference_workdir),
+                                    strict=True):
+    assert path == path_b
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  return got[-1]['val_map'] - want[-1]['val_map']
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, synthetic_kaggle_dir):
+  """The uninterrupted run (in-process), and the steps it checkpointed."""
+  config = tiny(synthetic_kaggle_dir, tmp_path_factory.mktemp('prepared'))
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  steps = []
+  real_save = checkpoints.save
+
+  def recording_save(manager, step, **kwargs):
+    steps.append(step)
+    return real_save(manager, step, **kwargs)
+
+  with unittest.mock.patch.object(checkpoints, 'save', recording_save):
+    train.train_and_evaluate(config, workdir)
+  return config, workdir, steps
+
+
+def test_checkpoint_every_n_steps(reference):
+  _, workdir, steps = reference
+  # Every 2 steps within an epoch, plus each epoch's end (5, 10) with its validation mAP.
+  assert steps == [2, 4, 5, 6, 8, 10]
+  assert checkpoints.create_manager(workdir, read_only=True).all_steps()[-1] == FINAL_STEP
+
+
+def test_sigkill_at_random_points_then_restart_is_exact(reference, tmp_path):
+  config, reference_workdir, _ = reference
+  seed = int(os.environ.get('RF_JAX_KILL_SEED', '7'))
+  rng = random.Random(seed)
+  kills, log = 0, []
+
+  # During start-up (imports, dataset, restore, compile): nothing saved yet.
+  proc = start(config, tmp_path)
+  delay = rng.uniform(1.0, 6.0)
+  try:
+    proc.wait(timeout=delay)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    kills += 1
+    log.append(f'start-up +{delay:.2f}s')
+  proc.communicate()
+
+  # A random moment after each new checkpoint: mid-step, mid-save or mid-validation.
+  for _ in range(KILLS_AFTER_A_CHECKPOINT):
+    last = (saved_steps(tmp_path) or [0])[-1]
+    if last >= FINAL_STEP:
+      break
+    proc = start(config, tmp_path)
+    try:
+      if wait_for_checkpoint_after(proc, tmp_path, last):
+        delay = rng.uniform(0.0, 1.5)
+        time.sleep(delay)
+        if proc.poll() is None:
+          proc.kill()
+          kills += 1
+          log.append(f'after step {saved_steps(tmp_path)[-1]} +{delay:.2f}s')
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+      _, err = proc.communicate()
+    assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
+
+  proc = start(config, tmp_path)  # and the last restart runs to the end
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert not list((tmp_path / checkpoints.CHECKPOINT_DIR).glob('*' + checkpoints.TMP_MARKER + '*'))
+
+  difference = assert_same_run(tmp_path, reference_workdir)
+  print(f'\nkill/restart (seed {seed}): {kills} SIGKILLs survived ({"; ".join(log)}); '
+        f'final val mAP difference from the uninterrupted run: {difference}')
+  assert kills >= 4, log
+  assert difference == 0.0
+
+
+def test_sigterm_saves_says_how_to_resume_and_resumes_exactly(reference, tmp_path):
+  config, reference_workdir, _ = reference
+  proc = start(config, tmp_path)
+  try:
+    assert wait_for_checkpoint_after(proc, tmp_path, 0)  # step 2 saved: now mid-epoch 1
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Traceback' not in err
+  stopped = [line for line in err.splitlines() if line.startswith('SIGTERM received')]
+  assert len(stopped) == 1, err[-3000:]
+  step = int(stopped[0].split('saved step ')[1].split()[0])
+  assert 2 <= step < FINAL_STEP
+  assert 'Rerun the same command to resume exactly' in stopped[0]
+  assert saved_steps(tmp_path)[-1] == step
+
+  out, err = start(config, tmp_path).communicate(timeout=600)
+  assert f'Resumed from step {step}' in out, (out[-2000:], err[-2000:])
+  assert assert_same_run(tmp_path, reference_workdir) == 0.0
