@@ -111,6 +111,10 @@ def main(argv):
       evaluate.predict_test(FLAGS.config, FLAGS.workdir)
   except train.TrainingStopped as e:  # a clean stop: exit status 0
     print(e, file=sys.stderr)
+  except KeyboardInterrupt:  # a second SIGTERM/SIGINT during training, or Ctrl-C elsewhere
+    print('error: interrupted: stopped at once, without saving. The last checkpoint in '
+          f'{FLAGS.workdir} is intact: rerun the same command to resume from it.', file=sys.stderr)
+    sys.exit(130)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
