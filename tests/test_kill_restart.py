@@ -178,7 +178,7 @@ def test_sigkill_at_random_points_then_restart_is_exact(reference, tmp_path):
   difference = assert_same_run(tmp_path, reference_workdir)
   print(f'\nkill/restart (seed {seed}): {kills} SIGKILLs survived ({"; ".join(log)}); '
         f'final val mAP difference from the uninterrupted run: {difference}')
-  assert kills >= 4, log
+  assert kills >= 3, log  # 5 on 2 CPU cores; a much faster machine may outrun a kill
   assert difference == 0.0
 
 
