@@ -6,6 +6,7 @@ metrics and report); `predict` (Kaggle submission for the test chips);
 `all` (default): train, evaluate, and predict when the dataset has test chips.
 """
 
+import errno
 import re
 import sys
 
@@ -49,6 +50,11 @@ USER_ERRORS = (
     FileNotFoundError,
     PermissionError,
 )
+
+
+# OSErrors that describe the user's file system rather than a bug (str(e) names the path).
+FILESYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR,
+                               errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST})
 
 
 def _config_arg(argv, missing: str) -> str:
@@ -117,6 +123,12 @@ def main(argv):
     sys.exit(130)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:  # the file system refused (full disk, a path through a file, read-only)
+    if e.errno not in FILESYSTEM_ERRNOS:
+      raise
+    print(f'error: {e}: check that path (--workdir, config.data.raw_dir/prepared_dir), its '
+          'permissions and the free disk space, then rerun the same command.', file=sys.stderr)
     sys.exit(1)
 
 
