@@ -184,6 +184,9 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
       'evaluate before training': (
           base + ['--workdir', str(empty_workdir), '--mode', 'evaluate'], {},
           ['No checkpoints in', 'train first']),
+      'prepared_dir not writable': (
+          base + [f'--config.data.prepared_dir={a_file / "prepared"}'] + fresh('w_prep'), {},
+          [re.escape(str(a_file)), 'Not a directory', 'prepared_dir']),
       'workdir not writable': (  # root ignores permissions; a path under a regular file fails for all
           base + fresh('a_file/run'), {},
           [re.escape(str(a_file / 'run')), 'not writable', 'Not a directory', '--workdir']),
@@ -225,7 +228,7 @@ CLI_CASES = ['missing data directory', 'CSV with a wrong header', 'truncated chi
              'unknown config key', 'bad value type', 'batch not divisible by the devices',
              'missing config file', 'weights file missing', 'weights file truncated',
              'checkpoint of another model (evaluate)',
-             'evaluate before training', 'workdir not writable']
+             'evaluate before training', 'workdir not writable', 'prepared_dir not writable']
 
 
 @pytest.mark.parametrize('case', CLI_CASES)
