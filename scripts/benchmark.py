@@ -86,6 +86,7 @@ def _timed(fn, batches, warmup: int, steps: int) -> dict:
   start = time.perf_counter()
   fn(batches[0])
   first = time.perf_counter() - start
+  rss_first = _maxrss_mb()  # includes compilation for rf_jax
   for i in range(warmup):
     fn(batches[(i + 1) % len(batches)])
   times = []
@@ -93,7 +94,8 @@ def _timed(fn, batches, warmup: int, steps: int) -> dict:
     start = time.perf_counter()
     fn(batches[i % len(batches)])
     times.append(time.perf_counter() - start)
-  return {'first_call_s': first, 'step_s': times, 'median_s': statistics.median(times)}
+  return {'first_call_s': first, 'step_s': times, 'median_s': statistics.median(times),
+          'rss_peak_after_first_call_mb': rss_first}
 
 
 # --- rf_jax child --------------------------------------------------------------------------
