@@ -392,10 +392,6 @@ def test_pth_holding_a_pickle_with_code_is_refused(tmp_path, monkeypatch):
   assert not (tmp_path / 'pwned').exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'model room: port.read_state_dict lets torch\'s RuntimeError("PytorchStreamReader failed '
-    'reading zip archive") escape (a traceback in scripts/port_weights.py); it should raise '
-    'WeightsFileError naming the file'))
 def test_truncated_pth_is_named(tmp_path):
   torch = pytest.importorskip('torch')
   path = tmp_path / 'resnet18-f37072fd.pth'

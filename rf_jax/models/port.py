@@ -272,6 +272,10 @@ def read_state_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
           f'torch.load(weights_only=True), which only allows tensors and containers, and the '
           f'pickle asks for more (it could run code when unpickled). Re-save the weights as a '
           f'plain state_dict or as .safetensors. torch said: {str(e).splitlines()[0]}') from None
+    except (RuntimeError, EOFError) as e:  # a truncated or damaged zip archive
+      raise WeightsFileError(
+          f'{path} is not a readable torch checkpoint (truncated or damaged download?): '
+          f'download it again. torch said: {str(e).splitlines()[0]}') from None
   for wrapper in ('state_dict', 'model'):
     if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
       sd = sd[wrapper]
