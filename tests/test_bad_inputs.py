@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from configs import rgb
 from rf_jax import checkpoints
 from rf_jax import evaluate
 from rf_jax import main as cli_main
@@ -32,25 +31,11 @@ from rf_jax import train
 from rf_jax.data import pipeline
 from rf_jax.data import planet
 from rf_jax.models import port
+from tiny_configs import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LABELS = 'train_v2.csv'
 TRAIN_DIR = 'train-tif-v2'
-
-
-def tiny(raw_dir, prepared_dir, num_epochs=1):
-  """configs/rgb.py from scratch, shrunk to 5 steps an epoch on the session's synthetic chips."""
-  config = rgb.get_config()
-  config.model.weights = ''
-  config.data.raw_dir = str(raw_dir)
-  config.data.prepared_dir = str(prepared_dir)
-  config.data.crop_size = 96
-  config.data.eval_size = 96
-  config.data.num_workers = 0
-  config.batch_size = 8
-  config.eval_batch_size = 16
-  config.num_epochs = num_epochs
-  return config
 
 
 def cli_flags(config) -> list[str]:
@@ -106,7 +91,7 @@ def prepared_dir(tmp_path_factory) -> pathlib.Path:
 def trained(tmp_path_factory, synthetic_kaggle_dir, prepared_dir):
   """A finished 1-epoch rgb run with eval/predictions.npz; the steps it checkpointed."""
   workdir = tmp_path_factory.mktemp('trained')
-  config = tiny(synthetic_kaggle_dir, prepared_dir)
+  config = tiny('rgb', synthetic_kaggle_dir, prepared_dir)
   saved_steps = []
   real_save = checkpoints.save
 
@@ -315,7 +300,7 @@ def test_bad_data_files_are_named(case, synthetic_kaggle_dir, prepared_dir, trai
   raw_dir = _broken_dir(synthetic_kaggle_dir, tmp_path / 'raw', case)
   before = tree_digest(prepared_dir / 'planet_amazon')
   with pytest.raises(Exception) as error:
-    pipeline.prepare(tiny(raw_dir, prepared_dir).data, tmp_path / 'workdir')
+    pipeline.prepare(tiny('rgb', raw_dir, prepared_dir).data, tmp_path / 'workdir')
   assert_user_error(error.value, *DATA_CASES[case])
   after = tree_digest(prepared_dir / 'planet_amazon')
   assert {k: v for k, v in after.items() if k in before} == before  # the good dataset intact
@@ -329,13 +314,13 @@ def _version_dir(prepared_dir) -> pathlib.Path:
 def test_interrupted_tfds_build_is_ignored_and_rebuilt(synthetic_kaggle_dir, trained, tmp_path,
                                                        caplog):
   prepared = tmp_path / 'prepared'
-  good = tiny(synthetic_kaggle_dir, trained[0].data.prepared_dir).data
+  good = tiny('rgb', synthetic_kaggle_dir, trained[0].data.prepared_dir).data
   shutil.copytree(good.prepared_dir, prepared)
   version = _version_dir(prepared)
   incomplete = version.parent / 'incomplete.abc123'
   version.rename(incomplete)  # a build killed before TFDS renamed it into place
   (incomplete / 'planet_amazon-train.array_record-00000-of-00001').write_bytes(b'half')
-  config = tiny(synthetic_kaggle_dir, prepared).data
+  config = tiny('rgb', synthetic_kaggle_dir, prepared).data
   with caplog.at_level('WARNING'):
     data = pipeline.prepare(config, tmp_path / 'workdir')
   assert len(data.train) == 40 and len(data.validation) == 20
@@ -353,7 +338,7 @@ def test_prepared_dataset_missing_a_shard_is_named(synthetic_kaggle_dir, trained
   version = _version_dir(prepared)
   (version / 'planet_amazon-train.array_record-00000-of-00001').unlink()  # a copy cut short
   with pytest.raises(Exception) as error:
-    data = pipeline.prepare(tiny(synthetic_kaggle_dir, prepared).data, tmp_path / 'workdir')
+    data = pipeline.prepare(tiny('rgb', synthetic_kaggle_dir, prepared).data, tmp_path / 'workdir')
     data.train[0]  # pylint: disable=pointless-statement
   assert_user_error(error.value, re.escape(str(version)), 'delete')
 

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import rgb
+from tiny_configs import tiny
+
 from rf_jax import checkpoints
 from rf_jax import train
 
@@ -35,17 +36,8 @@ FINAL_STEP = EPOCHS * STEPS_PER_EPOCH
 KILLS_AFTER_A_CHECKPOINT = 4
 
 
-def tiny(raw_dir, prepared_dir):
-  config = rgb.get_config()
-  config.model.weights = ''
-  config.data.raw_dir = str(raw_dir)
-  config.data.prepared_dir = str(prepared_dir)
-  config.data.crop_size = 96
-  config.data.eval_size = 96
-  config.data.num_workers = 0
-  config.batch_size = 8
-  config.eval_batch_size = 16
-  config.num_epochs = EPOCHS
+def small_run(raw_dir, prepared_dir):
+  config = tiny('rgb', raw_dir, prepared_dir, num_epochs=EPOCHS)
   config.checkpoint_every_steps = EVERY
   return config
 
@@ -112,7 +104,7 @@ def assert_same_run(workdir, reference_workdir) -> float:
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, synthetic_kaggle_dir):
   """The uninterrupted run (in-process), and the steps it checkpointed."""
-  config = tiny(synthetic_kaggle_dir, tmp_path_factory.mktemp('prepared'))
+  config = small_run(synthetic_kaggle_dir, tmp_path_factory.mktemp('prepared'))
   workdir = tmp_path_factory.mktemp('uninterrupted')
   steps = []
   real_save = checkpoints.save

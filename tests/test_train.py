@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from configs import dual, rgb, rgbir
+from configs import rgb
 from rf_jax import checkpoints
 from rf_jax import config_checks
 from rf_jax import parallel
 from rf_jax import train
 from rf_jax.models import port
+from tiny_configs import tiny
 
 torchvision = pytest.importorskip('torchvision')
 
-STUDY_CONFIGS = {'rgb': rgb, 'rgbir': rgbir, 'dual': dual}
 TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
 
 
@@ -40,21 +40,6 @@ def weights_file(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope='module')
 def prepared_dir(tmp_path_factory) -> pathlib.Path:
   return tmp_path_factory.mktemp('prepared')
-
-
-def tiny(name, synthetic_kaggle_dir, prepared_dir, weights_file, num_epochs=1):
-  """The study config for `name`, shrunk to a few steps on the session's synthetic chips."""
-  config = STUDY_CONFIGS[name].get_config()
-  config.model.weights = str(weights_file)
-  config.data.raw_dir = str(synthetic_kaggle_dir)
-  config.data.prepared_dir = str(prepared_dir)
-  config.data.crop_size = 96
-  config.data.eval_size = 96
-  config.data.num_workers = 0
-  config.batch_size = 8
-  config.eval_batch_size = 16
-  config.num_epochs = num_epochs
-  return config
 
 
 @pytest.fixture(scope='module')
