@@ -66,8 +66,12 @@ def test_loss_curve_equals_single_device(results, kind):
 
 @pytest.mark.parametrize('kind', ['mesh', 'pmap'])
 def test_parameters_and_statistics_equal_single_device(results, kind):
+  # Three steps at lr 0.005 move a parameter by ~1e-3. BatchNorm scale/bias gradients are
+  # small differences of large sums, so summing in another order (across devices) changes
+  # them by up to ~1% in float32 -- torch's own float32 update is that far from float64
+  # (tests/test_train_fidelity.py) -- i.e. ~1e-5 absolute here; a real divergence is ~1e-3.
   for got, want in zip(results[kind]['leaves'], results['single']['leaves'], strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize('kind', ['mesh', 'pmap'])
