@@ -31,7 +31,7 @@ from rf_jax import train
 from rf_jax.data import pipeline
 from rf_jax.data import planet
 from rf_jax.models import port
-from tiny_configs import tiny
+from tiny_configs import tiny, train_recording_saves
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LABELS = 'train_v2.csv'
@@ -92,15 +92,7 @@ def trained(tmp_path_factory, synthetic_kaggle_dir, prepared_dir):
   """A finished 1-epoch rgb run with eval/predictions.npz; the steps it checkpointed."""
   workdir = tmp_path_factory.mktemp('trained')
   config = tiny('rgb', synthetic_kaggle_dir, prepared_dir)
-  saved_steps = []
-  real_save = checkpoints.save
-
-  def recording_save(manager, step, **kwargs):
-    saved_steps.append(step)
-    return real_save(manager, step, **kwargs)
-
-  with unittest.mock.patch.object(checkpoints, 'save', recording_save):
-    train.train_and_evaluate(config, workdir)
+  saved_steps = train_recording_saves(config, workdir)
   evaluate.evaluate(config, workdir)
   assert (workdir / evaluate.EVAL_DIR / evaluate.PREDICTIONS).is_file()
   return config, workdir, saved_steps

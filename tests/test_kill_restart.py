@@ -18,13 +18,12 @@ import signal
 import subprocess
 import sys
 import time
-import unittest.mock
 
 import jax
 import numpy as np
 import pytest
 
-from tiny_configs import tiny
+from tiny_configs import tiny, train_recording_saves
 
 from rf_jax import checkpoints
 from rf_jax import train
@@ -106,16 +105,7 @@ def reference(tmp_path_factory, synthetic_kaggle_dir):
   """The uninterrupted run (in-process), and the steps it checkpointed."""
   config = small_run(synthetic_kaggle_dir, tmp_path_factory.mktemp('prepared'))
   workdir = tmp_path_factory.mktemp('uninterrupted')
-  steps = []
-  real_save = checkpoints.save
-
-  def recording_save(manager, step, **kwargs):
-    steps.append(step)
-    return real_save(manager, step, **kwargs)
-
-  with unittest.mock.patch.object(checkpoints, 'save', recording_save):
-    train.train_and_evaluate(config, workdir)
-  return config, workdir, steps
+  return config, workdir, train_recording_saves(config, workdir)
 
 
 def test_checkpoint_every_n_steps(reference):

@@ -18,3 +18,19 @@ def tiny(name, raw_dir, prepared_dir, weights='', num_epochs=1):
   config.eval_batch_size = 16
   config.num_epochs = num_epochs
   return config
+
+
+def train_recording_saves(config, workdir) -> list[int]:
+  """Runs train_and_evaluate and returns the steps it checkpointed, in order."""
+  import unittest.mock  # pylint: disable=g-import-not-at-top
+  from rf_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+  steps = []
+  real_save = checkpoints.save
+
+  def recording_save(manager, step, **kwargs):
+    steps.append(step)
+    return real_save(manager, step, **kwargs)
+
+  with unittest.mock.patch.object(checkpoints, 'save', recording_save):
+    train.train_and_evaluate(config, workdir)
+  return steps
