@@ -1,0 +1,57 @@
+"""XLA:CPU default flags (rf_jax/xla_cpu.py) and a torch-free training process."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import pytest
+
+from rf_jax import xla_cpu
+
+FLAG = '--xla_cpu_experimental_ynn_fusion_type='
+
+
+def test_flag_added_for_measured_jaxlib_and_kept_with_users_flags():
+  flags = xla_cpu.default_flags('0.10.2', '--xla_force_host_platform_device_count=2')
+  assert flags.split() == ['--xla_force_host_platform_device_count=2',
+                           FLAG + '-individual_convolution']
+  assert xla_cpu.default_flags('0.10.7.dev20270101', '') == FLAG + '-individual_convolution'
+
+
+def test_users_own_setting_of_the_flag_wins():
+  mine = FLAG + '+individual_convolution'
+  assert xla_cpu.default_flags('0.10.2', mine) == mine
+
+
+@pytest.mark.parametrize('version', ['0.9.2', '0.10.1', '0.11.0', '1.0.0'])
+def test_unmeasured_jaxlib_gets_no_flag(version):
+  # XLA aborts on flags it does not know, so nothing is added outside the measured range.
+  assert xla_cpu.default_flags(version, '') == ''
+
+
+def test_convolutions_leave_ynnpack_in_this_process():
+  first, end = xla_cpu.CPU_FLAGS[0][2:]
+  if not first <= xla_cpu._version(jaxlib.version.__version__) < end:
+    pytest.skip('flag not applied to this jaxlib')
+  x = jnp.zeros((4, 32, 32, 64))
+  w = jnp.zeros((3, 3, 64, 64))
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  hlo = conv.lower(x, w).compile().as_text()
+  assert 'convolution(' in hlo
+  assert '__ynn_fusion' not in hlo
+
+
+def test_training_writer_does_not_load_torch(tmp_path):
+  pytest.importorskip('torch')  # only meaningful where torch is installed
+  code = ('import sys, pathlib\n'
+          'from rf_jax import train\n'
+          f'train._summary_writer(pathlib.Path({str(tmp_path)!r})).close()\n'
+          "print('torch' in sys.modules)\n")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).resolve().parents[1], timeout=120)
+  assert out.stdout.strip() == 'False', out.stderr[-2000:]
+  assert any(tmp_path.glob('events.out.tfevents.*'))
