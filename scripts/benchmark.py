@@ -101,20 +101,6 @@ def _timed(fn, batches, warmup: int, steps: int) -> dict:
 # --- rf_jax child --------------------------------------------------------------------------
 
 
-def _block_torch_for_tensorboardx() -> None:
-  """tensorboardX's writer does `try: import torch` (only to accept torch tensors): with torch
-  installed, `import rf_jax.train` loads all of torch (~0.5 GB resident, ~9 s). Import it with
-  torch hidden, as the proposed rf_jax/train.py patch does."""
-  blocked = 'torch' not in sys.modules
-  if blocked:
-    sys.modules['torch'] = None  # makes `import torch` raise ImportError
-  try:
-    import tensorboardX  # pylint: disable=unused-import,g-import-not-at-top
-  finally:
-    if blocked:
-      del sys.modules['torch']
-
-
 def _weight_grad(x, g, kernel_shape, strides, padding, mode):
   """d(loss)/d(kernel) of an NHWC/HWIO conv as dots over shifted input windows."""
   import jax.numpy as jnp
@@ -191,10 +177,7 @@ def _jax_patches(names: list[str]):
   for name in names:
     if name == 'none' or not name:
       continue
-    if name == 'no_torch_import':
-      _block_torch_for_tensorboardx()
-      described.append(name)
-    elif name.startswith('conv_gw_'):  # conv_gw_taps, conv_gw_im2col, conv_gw_taps_3x3 ...
+    if name.startswith('conv_gw_'):  # conv_gw_taps, conv_gw_im2col, conv_gw_taps_3x3 ...
       parts = name.split('_')
       mode = parts[2]
       max_kernel = int(parts[3][0]) if len(parts) > 3 else 7
