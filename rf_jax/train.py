@@ -8,6 +8,7 @@ exactly from the latest one when restarted in the same workdir.
 
 from collections.abc import Iterator
 import contextlib
+import ctypes
 import functools
 import math
 import os
@@ -80,11 +81,26 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
   dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
   variables = port.load_pretrained(variables, config.model, pretrained_rng)
-  return TrainState.create(
+  state = TrainState.create(
       apply_fn=model.apply,
       params=variables['params'],
       batch_stats=variables['batch_stats'],
       tx=optax.sgd(learning_rate_fn, momentum=config.optim.momentum))
+  _release_freed_heap()
+  return state
+
+
+def _release_freed_heap() -> None:
+  """Returns the heap that tracing and compiling `init` freed to the OS (glibc keeps it).
+
+  The train step's buffers are allocated next; without this they come on top of that
+  garbage and peak resident memory is ~150 MB higher (docs/performance.md).
+  """
+  try:
+    trim = ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    return
+  trim(0)
 
 
 def sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:

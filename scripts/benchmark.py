@@ -377,8 +377,10 @@ def run_convs(args) -> dict:
     torch.set_num_threads(_cores())
     fmt = torch.channels_last if args.layout == 'channels_last' else torch.contiguous_format
   else:
+    import rf_jax  # pylint: disable=unused-import  (its XLA:CPU flags, as in training)
     import jax
     from jax import lax
+    out['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   for name, count, hw, cin, cout, k, s, p in resnet18_convs(args.size):
     x = rng.standard_normal((args.batch, hw, hw, cin), np.float32)
     w = (rng.standard_normal((k, k, cin, cout)) * 0.05).astype(np.float32)

@@ -1,5 +1,6 @@
 """XLA:CPU default flags (rf_jax/xla_cpu.py) and a torch-free training process."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -12,24 +13,32 @@ import pytest
 from rf_jax import xla_cpu
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type='
+SCHEDULER = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
-def test_flag_added_for_measured_jaxlib_and_kept_with_users_flags():
+def test_flags_added_for_measured_jaxlib_and_kept_with_users_flags():
   flags = xla_cpu.default_flags('0.10.2', '--xla_force_host_platform_device_count=2')
   assert flags.split() == ['--xla_force_host_platform_device_count=2',
-                           FLAG + '-individual_convolution']
-  assert xla_cpu.default_flags('0.10.7.dev20270101', '') == FLAG + '-individual_convolution'
+                           FLAG + '-individual_convolution', SCHEDULER]
+  assert xla_cpu.default_flags('0.10.7.dev20270101', '').split() == [
+      FLAG + '-individual_convolution', SCHEDULER]
 
 
-def test_users_own_setting_of_the_flag_wins():
+def test_users_own_setting_of_a_flag_wins():
   mine = FLAG + '+individual_convolution'
-  assert xla_cpu.default_flags('0.10.2', mine) == mine
+  assert xla_cpu.default_flags('0.10.2', mine).split() == [mine, SCHEDULER]
 
 
 @pytest.mark.parametrize('version', ['0.9.2', '0.10.1', '0.11.0', '1.0.0'])
 def test_unmeasured_jaxlib_gets_no_flag(version):
   # XLA aborts on flags it does not know, so nothing is added outside the measured range.
   assert xla_cpu.default_flags(version, '') == ''
+
+
+def test_this_process_runs_with_the_flags():
+  if not xla_cpu.default_flags(jaxlib.version.__version__, ''):
+    pytest.skip('no flag applies to this jaxlib')
+  assert SCHEDULER in os.environ['XLA_FLAGS'].split()
 
 
 def test_convolutions_leave_ynnpack_in_this_process():
