@@ -196,3 +196,23 @@ def test_features_without_head_and_bfloat16(variables):
   logits16 = jax.jit(ResNet18(num_classes=1000, dtype=jnp.bfloat16).apply)(variables, x)
   assert logits16.dtype == jnp.float32  # loss-ready whatever the compute dtype
   assert np.abs(np.asarray(logits16) - np.asarray(logits32)).max() < 0.1 * np.abs(logits32).max() + 0.05
+
+
+@pytest.mark.parametrize('size', [(9, 9), (12, 7)])
+def test_max_pool_values_and_gradient_routing_equal_torch(size):
+  """Including ties: ReLU zeros, and equal positive values inside one window."""
+  from rf_jax.models.resnet import max_pool_3x3_stride2  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.standard_normal((2, *size, 3)), 0).astype(np.float32)
+  x[0, 1:3, 1:3, 0] = 1.5  # four equal maxima shared by overlapping windows
+  upstream = rng.standard_normal((2, (size[0] - 1) // 2 + 1, (size[1] - 1) // 2 + 1, 3))
+  upstream = upstream.astype(np.float32)
+
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).clone().requires_grad_()
+  yt = torch.nn.functional.max_pool2d(xt, 3, stride=2, padding=1)
+  yt.backward(torch.from_numpy(upstream).permute(0, 3, 1, 2))
+  y, vjp = jax.vjp(max_pool_3x3_stride2, jnp.asarray(x))
+  (grad,) = vjp(jnp.asarray(upstream))
+
+  np.testing.assert_array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
+  np.testing.assert_array_equal(np.asarray(grad), xt.grad.permute(0, 2, 3, 1).numpy())
