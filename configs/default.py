@@ -2,34 +2,44 @@
 
 Variant configs (rgb.py, rgbir.py, dual.py) import this and choose the model;
 every field can be overridden on the command line, e.g. `--config.optim.lr=0.01`.
+Where the study's text is vague the defaults follow the study's code (README,
+"Differences from the study's code").
 """
 
 import ml_collections
+
+from rf_jax.data import planet
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'rgb'  # rgb | rgbir | dual
+  config.model.name = 'rgb'  # rgb | rgbir | dual (rf_jax/models/registry.py)
   # Ported torchvision ImageNet weights (scripts/port_weights.py); '' trains from scratch.
   config.model.weights = 'weights/resnet18-imagenet.msgpack'
-  config.model.ir_stem_init = 'he'  # he | rgb_mean
+  # The new IR stem slice: study | he_fan_in | he_fan_out | torch_conv_default | rgb_mean.
+  config.model.ir_stem_init = 'study'
+  # Regexes (full match on names like 'params/layer4_1/conv2/kernel') kept at their fresh init.
+  config.model.dont_load = ()
 
   config.data = ml_collections.ConfigDict()
   config.data.raw_dir = 'data/planet'  # Kaggle- or course-layout directory
   config.data.layout = 'auto'  # auto | kaggle | course
   config.data.prepared_dir = ''  # TFDS data_dir; '' = ~/tensorflow_datasets
-  config.data.val_fraction = 0.33
-  config.data.split_seed = 321
-  config.data.crop_size = 224  # train: random crop + horizontal flip
+  config.data.val_fraction = planet.STUDY_VAL_FRACTION
+  config.data.split_seed = planet.STUDY_SEED
+  # Train input: resize_flip (the whole chip resized to crop_size, the study's code) | crop_flip.
+  config.data.train_transform = 'resize_flip'
+  config.data.crop_size = 224  # train input size
   config.data.eval_size = 224  # eval: the whole chip resized
+  config.data.normalisation = 'dataset'  # dataset (train-split band stats) | course (8-bit only)
   config.data.num_workers = 2
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.num_chips = 0  # > 0: generate a synthetic dataset in the workdir
   config.data.synthetic.chip_size = 256
   config.data.synthetic.num_test = 0
-  config.data.synthetic.seed = 321
+  config.data.synthetic.seed = planet.STUDY_SEED
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 0.005
@@ -40,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 16  # global train batch
   config.eval_batch_size = 64
   config.num_epochs = 35
-  config.seed = 321  # parameter init (split and shuffling have their own seeds, also 321)
+  config.seed = planet.STUDY_SEED  # parameter init and shuffling (the split has its own seed)
   config.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params and loss stay float32)
   config.parallel = 'jit'  # several devices: 'jit' (mesh, sharded batch) or 'pmap'
 
@@ -48,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 10  # progress bar and non-finite-loss check
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.step = -1  # -1 = the best-by-mAP checkpoint
+  config.eval.step = -1  # -1 = the best checkpoint by select_by
+  # The best epoch: map (the study's text) | mean_precision_at_0.5 (what its code printed as mAP).
+  config.eval.select_by = 'map'
   config.eval.flips = False  # test-time horizontal flip averaging
   config.eval.top_n = 50  # tail accuracy over the best tag's top-N chips
   return config

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = 'checkpoints'
-BEST_METRIC = 'val_map'
+# config.eval.select_by -> the history key that picks the best epoch.
+SELECT_BY = {'map': 'val_map', 'mean_precision_at_0.5': 'val_mean_precision_at_0.5'}
 TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax writes <step>.orbax-checkpoint-tmp..., then renames
 
 

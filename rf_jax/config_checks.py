@@ -2,22 +2,34 @@
 
 ml_collections already rejects unknown keys (the configs are locked) and
 values of the wrong type; this catches values of the right type that make no
-sense, so that a typo fails in a second instead of after an epoch.
+sense, so that a typo fails in a second instead of after an epoch. The choices
+are read from the modules that own them.
 """
 
 import ml_collections
+
+from rf_jax import checkpoints
+from rf_jax import parallel
+from rf_jax.data import pipeline
+from rf_jax.data import planet
+from rf_jax.models import registry
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
 
 
+DTYPES = ('float32', 'bfloat16')
+
 _CHOICES = {
-    'model.name': ('rgb', 'rgbir', 'dual'),
-    'model.ir_stem_init': ('he', 'rgb_mean'),
-    'data.layout': ('auto', 'kaggle', 'course'),
-    'dtype': ('float32', 'bfloat16'),
-    'parallel': ('jit', 'pmap'),
+    'model.name': registry.MODEL_NAMES,
+    'model.ir_stem_init': registry.IR_STEM_INITS,
+    'data.layout': planet.LAYOUTS,
+    'data.train_transform': pipeline.TRAIN_TRANSFORMS,
+    'data.normalisation': pipeline.NORMALISATIONS,
+    'eval.select_by': tuple(checkpoints.SELECT_BY),
+    'dtype': DTYPES,
+    'parallel': parallel.KINDS,
 }
 _POSITIVE = ('optim.lr', 'optim.decay_epochs', 'optim.decay_rate', 'batch_size',
              'eval_batch_size', 'num_epochs', 'data.crop_size', 'data.eval_size',

@@ -27,7 +27,7 @@ from rf_jax import report
 from rf_jax import train
 from rf_jax.data import pipeline
 from rf_jax.data import planet
-from rf_jax.models import fusion
+from rf_jax.models import registry
 
 EVAL_DIR = 'eval'
 PREDICTIONS = 'predictions.npz'
@@ -45,7 +45,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir) -> tuple[train.Tra
         f'but config.model.name is {config.model.name!r}: evaluate with the config it was '
         'trained with.')
   model = train.create_model(config)
-  channels = len(fusion.input_bands(config.model.name))
+  channels = len(registry.input_bands(config.model.name))
   size = config.data.eval_size
   expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jnp.zeros((1, size, size, channels)))
@@ -75,7 +75,7 @@ def _predict_split(config, state, data, split: str):
       'jit', train.train_step, functools.partial(train.eval_step, flips=config.eval.flips))
   batches = pipeline.eval_batches(data, split, batch_size=config.eval_batch_size,
                                   eval_size=config.data.eval_size,
-                                  bands=fusion.input_bands(config.model.name))
+                                  bands=registry.input_bands(config.model.name))
   return train.predict(runner, runner.put_state(state), batches)
 
 

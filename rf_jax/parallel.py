@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 AXIS_NAME = 'batch'
+KINDS = ('jit', 'pmap')  # config.parallel
 
 
 class DeviceCountError(ValueError):

@@ -37,7 +37,7 @@ from rf_jax import metrics
 from rf_jax import parallel
 from rf_jax.data import pipeline
 from rf_jax.data import planet
-from rf_jax.models import fusion
+from rf_jax.models import registry
 from rf_jax.models import port
 
 HISTORY_FILE = 'history.json'
@@ -69,15 +69,15 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
 
 
 def create_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
-  return fusion.create_model(config.model, num_classes=planet.NUM_TAGS,
-                             dtype=jnp.dtype(config.dtype), axis_name=axis_name)
+  return registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
+                               dtype=jnp.dtype(config.dtype), axis_name=axis_name)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
                        image_size: int, learning_rate_fn: optax.Schedule) -> TrainState:
   """Initialises the model (merging the ported ImageNet trunk when configured)."""
   init_rng, pretrained_rng = jax.random.split(rng)
-  channels = len(fusion.input_bands(config.model.name))
+  channels = len(registry.input_bands(config.model.name))
   dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
   variables = port.load_pretrained(variables, config.model, pretrained_rng)
@@ -232,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if steps_per_epoch == 0:
     raise config_checks.ConfigError(
         f'config.batch_size={config.batch_size} exceeds the {len(data.train)} training chips.')
-  bands = fusion.input_bands(config.model.name)
+  bands = registry.input_bands(config.model.name)
 
   kind = config.parallel if jax.device_count() > 1 else 'jit'
   model = create_model(config, axis_name=parallel.AXIS_NAME if kind == 'pmap' else None)

@@ -206,7 +206,7 @@ def run_jax(args) -> dict:
   from configs import default
   from rf_jax import parallel
   from rf_jax import train
-  from rf_jax.models import fusion
+  from rf_jax.models import registry
 
   config = default.get_config()
   config.model.name = args.variant
@@ -214,7 +214,7 @@ def run_jax(args) -> dict:
   config.dtype = args.dtype
   config.batch_size = args.batch
   config.eval_batch_size = args.eval_batch
-  channels = len(fusion.input_bands(args.variant))
+  channels = len(registry.input_bands(args.variant))
   rss_imports = _maxrss_mb()
 
   model = train.create_model(config)

@@ -32,6 +32,10 @@ from rf_jax.data import synthetic
 from rf_jax.data import tfds_planet
 
 SPLITS = ('train', 'validation', 'test')
+# config.data.train_transform: the whole chip resized (the study's code) or a random crop.
+TRAIN_TRANSFORMS = ('resize_flip', 'crop_flip')
+# config.data.normalisation: train-split band statistics, or the course's constants (8-bit chips).
+NORMALISATIONS = ('dataset', 'course')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -218,8 +218,13 @@ def read_chip(path, layout: str = 'auto', *,
   return np.ascontiguousarray(image)
 
 
-def split(names: Sequence[str], val_fraction: float = 0.33,
-          seed: int = 321) -> tuple[np.ndarray, np.ndarray]:
+# The study's split: sklearn's train_test_split(rows, test_size=0.33, random_state=321).
+STUDY_VAL_FRACTION = 0.33
+STUDY_SEED = 321
+
+
+def split(names: Sequence[str], val_fraction: float = STUDY_VAL_FRACTION,
+          seed: int = STUDY_SEED) -> tuple[np.ndarray, np.ndarray]:
   """Seeded train/validation split: (train_idx, val_idx), each sorted.
 
   Depends only on len(names), val_fraction and seed (numpy's PCG64 stream,

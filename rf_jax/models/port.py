@@ -47,7 +47,7 @@ import numpy as np
 from flax import serialization, traverse_util
 from flax.core import FrozenDict, unfreeze
 
-from rf_jax.models import fusion
+from rf_jax.models import registry
 from rf_jax.models.resnet import ResNet18
 
 WEIGHTS_FORMAT = 'rf_jax.resnet/1'
@@ -400,9 +400,9 @@ def init_from_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, 
     WeightsMismatchError: one error listing every missing/unexpected/misshapen name.
   """
   name = _field(model_config, 'name')
-  if name not in fusion.MODEL_NAMES:
+  if name not in registry.MODEL_NAMES:
     raise ValueError(f'config.model.name={name!r} is not a known model; valid names: '
-                     f'{", ".join(fusion.MODEL_NAMES)}')
+                     f'{", ".join(registry.MODEL_NAMES)}')
   stem_init = _field(model_config, 'ir_stem_init', 'he') or 'he'
   if stem_init not in IR_STEM_INITS:
     raise ValueError(f'config.model.ir_stem_init={stem_init!r} is not known; valid: '
