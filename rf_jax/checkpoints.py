@@ -1,9 +1,11 @@
-"""Orbax checkpoints of a run: the latest (for resume) and the best by validation mAP.
+"""Orbax checkpoints of a run: the latest (for resume) and the best epoch (for evaluation).
 
-A checkpoint holds four items: the train state, the input iterator's state,
-the run's progress (history and the running sums of a partly done epoch) and
-the config, so that a restart continues exactly and an evaluation can check
-that it is restoring the model it was asked for.
+A checkpoint holds the train state, the input iterator's state, the run's
+progress (history and the running sums of a partly done epoch) and the config,
+so that a restart continues exactly and an evaluation can check that it is
+restoring the model it was asked for. A checkpoint saved at an epoch's end also
+holds that epoch's validation scores: evaluation recomputes them from the
+restored model and says whether they reproduce.
 """
 
 from collections.abc import Callable, Mapping
@@ -14,10 +16,10 @@ import sys
 from typing import Any
 
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-CHECKPOINT_DIR = 'checkpoints'
 # config.eval.select_by -> the history key that picks the best epoch.
 SELECT_BY = {'map': 'val_map', 'mean_precision_at_0.5': 'val_mean_precision_at_0.5'}
 TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax writes <step>.orbax-checkpoint-tmp..., then renames
@@ -34,31 +36,34 @@ class Restored:
   progress: dict
   config: dict
   step: int
+  val_scores: Any = None  # float32 [N, 17] at the epoch's end; None for mid-epoch checkpoints
 
 
-def create_manager(workdir: str | os.PathLike, *, read_only: bool = False) -> ocp.CheckpointManager:
-  """Keeps the latest checkpoint and the best one by validation mAP.
+def create_manager(directory: str | os.PathLike, *, select_by: str = 'map',
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """Keeps the latest checkpoint and the best one by `select_by` (a SELECT_BY key).
 
   `max_to_keep` would delete the latest checkpoint once a better one exists
   (and best_fn alone never writes the metrics), hence the explicit
   preservation policy; checkpoints saved mid-epoch carry no metrics and are
   dropped once a newer one exists.
   """
+  metric = SELECT_BY[select_by]
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(1),
-      checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+      checkpoint_managers.BestN(get_metric_fn=lambda m: m[metric], reverse=False, n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy,
-      best_fn=lambda m: m[BEST_METRIC],
+      best_fn=lambda m: m[metric],
       best_mode='max',
       enable_async_checkpointing=False,
       cleanup_tmp_directories=not read_only,
       read_only=read_only,
       create=not read_only,
   )
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  directory = os.path.abspath(directory)
   if not read_only:  # orbax deletes them silently when the manager opens: say so
     leftovers = sorted(glob.glob(os.path.join(glob.escape(directory), '*' + TMP_MARKER + '*')))
     if leftovers:
@@ -67,8 +72,17 @@ def create_manager(workdir: str | os.PathLike, *, read_only: bool = False) -> oc
   return ocp.CheckpointManager(
       directory,
       options=options,
-      item_names=('state', 'data', 'progress', 'config'),
+      item_names=('state', 'data', 'progress', 'config', 'val_scores'),
   )
+
+
+def check_model(saved_config: Mapping[str, Any], name: str, where) -> None:
+  """A checkpoint of another study model is refused with the way out."""
+  saved = saved_config.get('model', {}).get('name')
+  if saved != name:
+    raise CheckpointError(
+        f'{where} holds a run of model {saved!r}, but config.model.name is {name!r}: use the '
+        'config it was trained with, or another --workdir.')
 
 
 def _json_safe(data_state: Any) -> Any:
@@ -81,8 +95,11 @@ def _from_json_safe(saved: Mapping[str, Any]) -> Any:
 
 def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_state: Any,
          progress: dict, config: ml_collections.ConfigDict,
-         metrics: Mapping[str, float] | None = None) -> None:
+         record: Mapping[str, Any] | None = None, val_scores: Any = None) -> None:
   """Saves synchronously; orbax writes to a temporary directory and renames it.
+
+  `record`: the epoch's history record at an epoch's end (its SELECT_BY values rank the
+  checkpoint), with `val_scores` the epoch's validation scores; None mid-epoch.
 
   A failed write (disk full, quota, permissions) raises CheckpointError; the
   previous checkpoint is untouched (orbax only renames a complete write), and
@@ -91,7 +108,7 @@ def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_state: A
   previous = manager.latest_step()
   try:
     _save(manager, step, state=state, data_state=data_state, progress=progress, config=config,
-          metrics=metrics)
+          record=record, val_scores=val_scores)
   except OSError as e:
     kept = (f'the previous checkpoint (step {previous}) is intact' if previous is not None
             else 'no earlier checkpoint exists')
@@ -101,18 +118,17 @@ def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_state: A
         'same command to resume from it.') from e
 
 
-def _save(manager, step, *, state, data_state, progress, config, metrics) -> None:
-  manager.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave(_json_safe(data_state)),
-          progress=ocp.args.JsonSave(progress),
-          config=ocp.args.JsonSave(config.to_dict()),
-      ),
-      metrics=dict(metrics) if metrics is not None else None,
-      force=True,
+def _save(manager, step, *, state, data_state, progress, config, record, val_scores) -> None:
+  items = dict(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(_json_safe(data_state)),
+      progress=ocp.args.JsonSave(progress),
+      config=ocp.args.JsonSave(config.to_dict()),
   )
+  if val_scores is not None:
+    items['val_scores'] = ocp.args.StandardSave({'scores': np.asarray(val_scores, np.float32)})
+  metrics = None if record is None else {k: record[k] for k in SELECT_BY.values()}
+  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
   manager.wait_until_finished()
 
 
@@ -130,27 +146,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   return _restore(manager, step, ocp.args.StandardRestore(abstract_state))
 
 
-def _restore(manager, step, state_args) -> Restored:
-  items = manager.restore(
-      step,
-      args=ocp.args.Composite(
-          state=state_args,
-          data=ocp.args.JsonRestore(),
-          progress=ocp.args.JsonRestore(),
-          config=ocp.args.JsonRestore(),
-      ),
-  )
-  return Restored(state=items['state'], data_state=_from_json_safe(items['data']),
-                  progress=items['progress'], config=items['config'], step=step)
+def _restore(manager, step, state_args, with_scores: bool = False) -> Restored:
+  items = dict(state=state_args, data=ocp.args.JsonRestore(),
+               progress=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+  has_scores = with_scores and os.path.isdir(os.path.join(manager.directory, str(step),
+                                                          'val_scores'))
+  if has_scores:
+    items['val_scores'] = ocp.args.StandardRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return Restored(state=restored['state'], data_state=_from_json_safe(restored['data']),
+                  progress=restored['progress'], config=restored['config'], step=step,
+                  val_scores=restored['val_scores']['scores'] if has_scores else None)
 
 
-def restore_for_evaluation(workdir: str | os.PathLike, step: int = -1) -> Restored:
-  """The best-by-mAP checkpoint (or `step`), with the state as plain arrays."""
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+def restore_for_evaluation(directory: str | os.PathLike, step: int = -1,
+                           select_by: str = 'map') -> Restored:
+  """The best checkpoint by `select_by` (or `step`), state and scores as plain arrays."""
+  directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
+    workdir = os.path.dirname(directory)
     raise CheckpointError(f'No checkpoints in {directory}: train first with '
                           f'`python -m rf_jax.main --config <config> --workdir {workdir}`.')
-  manager = create_manager(workdir, read_only=True)
+  manager = create_manager(directory, select_by=select_by, read_only=True)
   steps = manager.all_steps()
   if not steps:
     raise CheckpointError(f'{directory} holds no complete checkpoint: train first.')
@@ -160,5 +177,5 @@ def restore_for_evaluation(workdir: str | os.PathLike, step: int = -1) -> Restor
       step = manager.latest_step()
   elif step not in steps:
     raise CheckpointError(f'config.eval.step={step}: {directory} holds steps {sorted(steps)}.')
-  return _restore(manager, step, ocp.args.StandardRestore())
+  return _restore(manager, step, ocp.args.StandardRestore(), with_scores=True)
 

@@ -1,17 +1,17 @@
-"""Evaluation: restore a checkpoint, predict, check the reproduction, report; Kaggle submission.
+"""Evaluation: restore the best checkpoint, recompute the validation scores, check, report.
 
-`evaluate` is the study's reproduction routine: it restores the best-by-mAP
-checkpoint (or `config.eval.step`), recomputes the validation scores, and when
-`eval/predictions.npz` already holds scores of the same checkpoint it compares
-the two and says plainly whether the run reproduces. Saved predictions are
-never overwritten by different ones: a non-reproducing rerun is written beside
+The study's reproduction routine: the checkpoint of the best epoch (by `config.eval.select_by`,
+or `config.eval.step`) holds that epoch's validation scores from training; evaluation restores
+the model, scores the validation chips again with a predict function built from the pure steps
+(it never imports the training loop), and says plainly whether the scores reproduce. Saved
+predictions are never overwritten by different ones: a non-reproducing rerun is written beside
 them.
 """
 
+from __future__ import annotations
+
 import functools
-import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,43 +20,34 @@ import numpy as np
 
 from rf_jax import checkpoints
 from rf_jax import config_checks
-from rf_jax import files
-from rf_jax import metrics
-from rf_jax import parallel
+from rf_jax import history
+from rf_jax import inputs
 from rf_jax import report
-from rf_jax import train
-from rf_jax.data import pipeline
+from rf_jax import reproduction
+from rf_jax import steps
+from rf_jax import workdir as workdir_lib
 from rf_jax.data import planet
 from rf_jax.models import registry
 
-EVAL_DIR = 'eval'
-PREDICTIONS = 'predictions.npz'
-METRICS = 'metrics.json'
-SUBMISSION = 'submission.csv'
 
-
-def restore_model(config: ml_collections.ConfigDict, workdir) -> tuple[train.TrainState, int]:
-  """The checkpoint's variables in an eval-only state for `config.model`; its step."""
-  restored = checkpoints.restore_for_evaluation(workdir, config.eval.step)
-  saved_model = restored.config.get('model', {}).get('name')
-  if saved_model != config.model.name:
-    raise checkpoints.CheckpointError(
-        f'The checkpoint at step {restored.step} in {workdir} is of model {saved_model!r}, '
-        f'but config.model.name is {config.model.name!r}: evaluate with the config it was '
-        'trained with.')
-  model = train.create_model(config)
-  channels = len(registry.input_bands(config.model.name))
-  size = config.data.eval_size
+def restore_model(config: ml_collections.ConfigDict,
+                  wd: workdir_lib.Workdir) -> tuple[steps.TrainState, checkpoints.Restored]:
+  """The checkpoint's variables in an eval-only state for `config.model`, and the checkpoint."""
+  restored = checkpoints.restore_for_evaluation(wd.checkpoints, config.eval.step,
+                                                select_by=config.eval.select_by)
+  checkpoints.check_model(restored.config, config.model.name,
+                          f'The checkpoint at step {restored.step} in {wd.root}')
+  model = registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
+                                dtype=jnp.dtype(config.dtype))
+  size, channels = config.data.eval_size, len(registry.input_bands(config.model.name))
   expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jnp.zeros((1, size, size, channels)))
   variables = {k: restored.state[k] for k in ('params', 'batch_stats')}
-  _check_same_tree(variables, expected, workdir, restored.step)
-  state = train.TrainState(step=restored.step, apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=None, opt_state=None)
-  return state, restored.step
+  _check_same_tree(variables, expected, wd.root, restored.step)
+  return steps.eval_state(variables, model, restored.step), restored
 
 
-def _check_same_tree(found, expected, workdir, step) -> None:
+def _check_same_tree(found, expected, where, step) -> None:
   flat = lambda tree: {jax.tree_util.keystr(k): np.shape(v)
                        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   found, expected = flat(found), flat(expected)
@@ -65,134 +56,92 @@ def _check_same_tree(found, expected, workdir, step) -> None:
               if found.get(name) != expected.get(name)]
   if problems:
     raise checkpoints.CheckpointError(
-        f'The checkpoint at step {step} in {workdir} does not fit this model:\n  '
+        f'The checkpoint at step {step} in {where} does not fit this model:\n  '
         + '\n  '.join(problems[:20]) + (f'\n  ... and {len(problems) - 20} more'
                                          if len(problems) > 20 else ''))
 
 
-def _predict_split(config, state, data, split: str):
-  runner = parallel.create_runner(
-      'jit', train.train_step, functools.partial(train.eval_step, flips=config.eval.flips))
-  batches = pipeline.eval_batches(data, split, batch_size=config.eval_batch_size,
-                                  eval_size=config.data.eval_size,
-                                  bands=registry.input_bands(config.model.name))
-  return train.predict(runner, runner.put_state(state), batches)
+def make_predict_fn(config: ml_collections.ConfigDict, state: steps.TrainState) -> steps.PredictFn:
+  """batches -> (scores, labels, mean loss) with the restored model, over all devices."""
+  runner = steps.create_runner('jit', flips=config.eval.flips)
+  state = runner.put_state(state)
+  return lambda batches: steps.predict(runner, state, batches)
 
 
-# Scores must match to about float32 rounding of a probability: bit-exact on the same
-# machine and software, within this on another (different XLA kernels sum differently).
-REPRODUCTION_TOLERANCE = 1e-6
+def _summary_key(select_by: str) -> str:
+  """metrics.json names a validation value as history.json does, without 'val_'."""
+  return checkpoints.SELECT_BY[select_by].removeprefix('val_')
 
 
-def compare_predictions(previous: dict, current: dict) -> dict:
-  """How far the current scores are from the saved ones (same chips, same order)."""
-  if list(previous['names']) != list(current['names']):
-    return {'reproduces': False, 'exact': False,
-            'reason': 'the saved predictions are for other chips (or another order)'}
-  diff = np.abs(np.asarray(previous['scores'], np.float64) - current['scores'])
-  ap_diff = (metrics.average_precision(current['labels'], current['scores'])
-             - metrics.average_precision(previous['labels'], previous['scores']))
-  return {
-      'max_abs_score_difference': float(diff.max()),
-      'max_abs_ap_difference': float(np.nanmax(np.abs(ap_diff))) if np.isfinite(ap_diff).any()
-                               else 0.0,
-      'ap_difference': {t: (None if not np.isfinite(d) else float(d))
-                        for t, d in zip(planet.TAGS, ap_diff)},
-      'exact': bool(diff.max() == 0),
-      'reproduces': bool(diff.max() <= REPRODUCTION_TOLERANCE),
-  }
-
-
-def _load_predictions(path: pathlib.Path) -> dict | None:
-  if not path.is_file():
+def _history_value(wd: workdir_lib.Workdir, step: int, select_by: str) -> float | None:
+  """The selection value history.json recorded for `step` (None when it has none)."""
+  if not wd.history.is_file():
     return None
-  with np.load(path, allow_pickle=False) as saved:
-    return {k: saved[k] for k in saved.files}
+  key = checkpoints.SELECT_BY[select_by]
+  return next((r[key] for r in history.read(wd.history)['epochs'] if r['step'] == step), None)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+def _check_reproduction(restored: checkpoints.Restored, current: dict,
+                        previous: dict | None) -> dict | None:
+  """Compares with the training-time scores of that epoch, else with saved predictions."""
+  if restored.val_scores is not None:
+    reference, against = restored.val_scores, 'the scores saved with the checkpoint at training'
+  elif previous is not None and int(previous.get('step', -1)) == restored.step:
+    reference, against = previous['scores'], 'the saved predictions'
+  else:
+    return None
+  result = reproduction.compare(reference, current['scores'], current['labels'])
+  print(reproduction.verdict(result, restored.step, against))
+  return result
+
+
+def _save_predictions(wd: workdir_lib.Workdir, current: dict, previous: dict | None) -> None:
+  """Writes eval/predictions.npz, keeping different saved scores of the same step."""
+  step = int(current['step'])
+  if previous is not None and int(previous.get('step', -1)) == step:
+    same = (list(previous['names']) == list(current['names']) and reproduction.compare(
+        previous['scores'], current['scores'], current['labels'])['reproduces'])
+    if not same:
+      workdir_lib.write_npz(wd.predictions_rerun, current)
+      print(f'The saved predictions of step {step} differ from these: they are kept in '
+            f'{wd.predictions}; this evaluation is in {wd.predictions_rerun}.')
+      return
+  elif previous is not None:  # another checkpoint's scores: keep them under their step
+    os.replace(wd.predictions, wd.predictions_of_step(int(previous.get('step', -1))))
+  workdir_lib.write_npz(wd.predictions, current)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir, data=None) -> dict:
   """Restores, predicts the validation split, checks reproduction, writes metrics and report."""
   config_checks.check(config)
-  workdir = pathlib.Path(workdir)
-  state, step = restore_model(config, workdir)
-  data = pipeline.prepare(config.data, workdir)
-  scores, labels, loss = _predict_split(config, state, data, 'validation')
+  wd = workdir_lib.Workdir(workdir)
+  state, restored = restore_model(config, wd)
+  data = data or inputs.prepare(config, wd)
+  scores, labels, loss = make_predict_fn(config, state)(
+      inputs.eval_batches(config, data, 'validation'))
+  step = restored.step
   current = {'names': np.asarray(data.names['validation']), 'labels': labels,
              'scores': scores.astype(np.float32), 'step': np.int64(step)}
-
-  out = workdir / EVAL_DIR
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / PREDICTIONS
-  previous = _load_predictions(path)
-  reproduction = None
-  if previous is not None and int(previous.get('step', -1)) == step:
-    reproduction = compare_predictions(previous, current)
-    if reproduction['reproduces']:
-      verdict = ('REPRODUCED exactly' if reproduction['exact'] else
-                 'REPRODUCED within float rounding')
-      print(f'{verdict}: step {step}, max |score difference| '
-            f'{reproduction["max_abs_score_difference"]:.3g}, max |AP difference| '
-            f'{reproduction["max_abs_ap_difference"]:.3g} (saved: {path}).')
-    else:
-      path = out / 'predictions.rerun.npz'
-      reason = reproduction.get('reason') or (
-          f'max |score difference| {reproduction["max_abs_score_difference"]:.3g}, '
-          f'max |AP difference| {reproduction["max_abs_ap_difference"]:.3g}')
-      print(f'NOT REPRODUCED: step {step} now scores differently from the saved predictions '
-            f'({reason}). The saved ones are kept; this run is in {path}.')
-      files.write_npz(path, current)
-  else:
-    if previous is not None:  # another checkpoint's scores: keep them under their step
-      os.replace(path, out / f'predictions.step{int(previous.get("step", -1))}.npz')
-    files.write_npz(path, current)
+  previous = workdir_lib.read_npz(wd.predictions)
+  checked = _check_reproduction(restored, current, previous)
+  if checked is not None:
+    checked['history_value'] = _history_value(wd, step, config.eval.select_by)
+  _save_predictions(wd, current, previous)
 
   summary = report.metrics_summary(labels, scores, planet.TAGS, model=config.model.name,
                                    loss=loss, step=step, flips=bool(config.eval.flips),
-                                   reproduction=reproduction)
-  files.write_json(out / METRICS, summary)
-  history = report.read_history(workdir / train.HISTORY_FILE)
-  names = list(data.names['validation'])
-  index = {name: i for i, name in enumerate(names)}
-  load_rgb = lambda name: data.validation[index[name]]['image'][..., :3]
-  md = report.write_report(workdir, history=history, predictions=current, tags=planet.TAGS,
-                           load_rgb=load_rgb, top_n=config.eval.top_n,
-                           thresholds=[summary['thresholds'][t] for t in planet.TAGS],
-                           loss=loss, model=config.model.name)
+                                   reproduction=checked)
+  if checked is not None and checked['history_value'] is not None:
+    print(f'{config.eval.select_by} of step {step}: {checked["history_value"]:.6f} in '
+          f'{wd.history.name}, recomputed {summary[_summary_key(config.eval.select_by)]:.6f}.')
+  workdir_lib.write_json(wd.metrics, summary)
+  index = {name: i for i, name in enumerate(data.names['validation'])}
+  md = report.write_report(
+      wd.root, history=history.read(wd.history) if wd.history.is_file() else None,
+      predictions=current, tags=planet.TAGS,
+      load_rgb=lambda name: data.validation[index[name]]['image'][..., :3],
+      top_n=config.eval.top_n, thresholds=[summary['thresholds'][t] for t in planet.TAGS],
+      loss=loss, model=config.model.name)
   print(f'step {step}: val mAP {summary["map"]:.4f}, F2 {summary["f2_at_0.5"]:.4f} at 0.5, '
         f'{summary["f2_tuned"]:.4f} tuned; report: {md}')
   return summary
-
-
-def has_test_chips(config: ml_collections.ConfigDict, workdir) -> bool:
-  return pipeline.prepare(config.data, workdir).test is not None
-
-
-def predict_test(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
-  """Kaggle submission for the test chips with the thresholds tuned at evaluation."""
-  config_checks.check(config)
-  workdir = pathlib.Path(workdir)
-  state, step = restore_model(config, workdir)
-  metrics_path = workdir / EVAL_DIR / METRICS
-  if not metrics_path.is_file():
-    raise FileNotFoundError(f'{metrics_path} not found: run --mode evaluate first (it tunes the '
-                            'per-tag thresholds the submission uses).')
-  summary = json.loads(metrics_path.read_text())
-  if summary.get('step') != step:
-    raise checkpoints.CheckpointError(
-        f'{metrics_path} was computed at step {summary.get("step")}, the checkpoint is step '
-        f'{step}: run --mode evaluate again first.')
-  data = pipeline.prepare(config.data, workdir)
-  if data.test is None:
-    raise planet.PlanetDataError(
-        f'No test chips in the prepared dataset ({data.data_dir}): put the Kaggle test-tif-v2 '
-        'folder in config.data.raw_dir and prepare again.')
-  scores, _, _ = _predict_split(config, state, data, 'test')
-  thresholds = np.asarray([summary['thresholds'][t] for t in planet.TAGS])
-  predicted = metrics.binarize(scores, thresholds)
-  lines = ['image_name,tags'] + [
-      f'{name},{" ".join(t for t, on in zip(planet.TAGS, row) if on)}'
-      for name, row in zip(data.names['test'], predicted)]
-  path = workdir / SUBMISSION
-  files.write_text(path, '\n'.join(lines) + '\n')
-  print(f'{path}: {len(lines) - 1} test chips, thresholds from {metrics_path}.')
-  return path

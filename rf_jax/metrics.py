@@ -96,6 +96,20 @@ def mean_average_precision(labels, scores) -> float:
   return float(np.nanmean(ap))
 
 
+def mean_precision_at(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> float:
+  """Mean over tags of the precision of ``scores > threshold`` (0 for a tag predicted nowhere).
+
+  The number the study's code printed as "mAP" and chose its best epoch by. Equals the mean of
+  ``sklearn.metrics.precision_score(labels[:, k], scores[:, k] > threshold, zero_division=0)``.
+  """
+  y, s = _check(labels, scores)
+  predicted = s > threshold
+  num_predicted = predicted.sum(0)
+  true_positives = (predicted & (y > 0)).sum(0)
+  precision = np.where(num_predicted > 0, true_positives / np.maximum(num_predicted, 1), 0.0)
+  return float(precision.mean())
+
+
 def binarize(scores, thresholds=DEFAULT_THRESHOLD) -> np.ndarray:
   """Predicted tags: ``scores > thresholds`` (thresholds scalar or [K]), bool."""
   return np.asarray(scores) > np.asarray(thresholds)

@@ -1,4 +1,4 @@
-"""The study's report (one workdir) and comparison (several workdirs): matplotlib PNGs + markdown.
+"""The study's report of one workdir: matplotlib PNGs + markdown.
 
 Inputs, per workdir (written by training and by ``--mode evaluate``):
 
@@ -8,11 +8,12 @@ Inputs, per workdir (written by training and by ``--mode evaluate``):
 * ``eval/metrics.json``, one JSON object with these keys (build it with :func:`metrics_summary`):
 
   ===================  ======================================================================
-  ``model``            str, the model name (``config.model.name``: rgb | rgbir | dual)
+  ``model``            str, the study model (``config.model.name``, see models/registry.py)
   ``split``            str, the split evaluated (``"validation"``)
   ``num_chips``        int, chips evaluated
   ``loss``             float or null, mean sigmoid BCE over chips and tags (as in training)
   ``map``              float or null, mean AP over the tags with positives
+  ``mean_precision_at_0.5``  float, mean over tags of the precision at 0.5 (the study code's "mAP")
   ``ap``               {tag: float or null}, every tag in TAGS order; null = no positives
   ``excluded_tags``    [tag, ...], the tags with null AP (left out of ``map``)
   ``f2_at_0.5``        float, Kaggle F2 (samples average) of ``scores > 0.5``
@@ -22,18 +23,15 @@ Inputs, per workdir (written by training and by ``--mode evaluate``):
 
   Extra keys (``step``, ``tta``, ...) are allowed and ignored here.
 
-Outputs: :func:`write_report` -> ``workdir/report/report.md`` + PNGs; :func:`write_comparison` ->
-``out_dir/comparison.md`` + PNGs. Figures are drawn on ``matplotlib.figure.Figure`` (Agg, no pyplot,
-no display, no global state). Command line for the comparison::
-
-  python -m rf_jax.report OUT_DIR WORKDIR [WORKDIR ...]
+Output: :func:`write_report` -> ``workdir/report/report.md`` + PNGs (the comparison of several
+workdirs is rf_jax/comparison.py). Figures are drawn on ``matplotlib.figure.Figure`` (Agg, no
+pyplot, no display, no global state).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -44,6 +42,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from rf_jax import metrics as M
+from rf_jax import workdir as workdir_lib
 
 METRICS_JSON_KEYS = ('model', 'split', 'num_chips', 'loss', 'map', 'ap', 'excluded_tags',
                      'f2_at_0.5', 'f2_tuned', 'thresholds')
@@ -80,6 +79,7 @@ def metrics_summary(labels, scores, tags: Sequence[str], *, model: str, loss: fl
       'num_chips': int(labels.shape[0]),
       'loss': _num(loss),
       'map': _num(M.mean_average_precision(labels, scores)),
+      'mean_precision_at_0.5': _num(M.mean_precision_at(labels, scores, 0.5)),
       'ap': {t: _num(a) for t, a in zip(tags, ap)},
       'excluded_tags': [tags[i] for i in M.tags_without_positives(labels)],
       'f2_at_0.5': _num(M.f2_at(labels, scores, M.DEFAULT_THRESHOLD)),
@@ -103,18 +103,7 @@ def read_metrics(path) -> dict[str, Any]:
   return data
 
 
-def read_history(path) -> dict[str, Any]:
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'{path}: no training history (train that workdir first)')
-  with open(path) as f:
-    data = json.load(f)
-  if not isinstance(data.get('epochs'), list):
-    raise ValueError(f'{path}: no "epochs" list')
-  return data
-
-
-def _series(history: Mapping | None, key: str) -> tuple[np.ndarray, np.ndarray]:
+def series(history: Mapping | None, key: str) -> tuple[np.ndarray, np.ndarray]:
   """(epochs, values) of one history key; missing/null values are NaN."""
   rows = (history or {}).get('epochs') or []
   ep = np.array([r.get('epoch', i + 1) for i, r in enumerate(rows)], dtype=np.float64)
@@ -124,7 +113,7 @@ def _series(history: Mapping | None, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- figures (one workdir)
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
   FigureCanvasAgg(fig)
   fig.savefig(path, dpi=DPI)
   return path
@@ -135,29 +124,32 @@ def plot_loss(history: Mapping, path: Path, title: str = '') -> Path:
   fig = Figure(figsize=(6, 4), layout='constrained')
   ax = fig.add_subplot()
   for key, label, style in (('train_loss', 'train', 'o-'), ('val_loss', 'validation', 's-')):
-    ep, v = _series(history, key)
+    ep, v = series(history, key)
     ax.plot(ep, v, style, label=label)
   ax.set(xlabel='epoch', ylabel='loss (mean sigmoid BCE)', title=title or 'Loss per epoch')
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   ax.legend()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_map(history: Mapping, path: Path, title: str = '') -> Path:
   """Validation mAP per epoch, best epoch marked."""
   fig = Figure(figsize=(6, 4), layout='constrained')
   ax = fig.add_subplot()
-  ep, v = _series(history, 'val_map')
+  ep, v = series(history, 'val_map')
   ax.plot(ep, v, 'o-', color='tab:green', label='validation mAP')
   if np.isfinite(v).any():
     b = int(np.nanargmax(v))
     ax.plot(ep[b], v[b], '*', ms=16, color='tab:red', label=f'best: epoch {ep[b]:g}, {v[b]:.4f}')
+  ep, p = series(history, 'val_mean_precision_at_0.5')
+  if np.isfinite(p).any():  # what the study's code printed as "mAP"
+    ax.plot(ep, p, 's--', color='tab:gray', label='mean precision at 0.5 (study code)')
   ax.set(xlabel='epoch', ylabel='mAP', title=title or 'Validation mAP per epoch')
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   ax.legend()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_ap_bars(ap: np.ndarray, tags: Sequence[str], num_pos: np.ndarray, path: Path,
@@ -177,7 +169,7 @@ def plot_ap_bars(ap: np.ndarray, tags: Sequence[str], num_pos: np.ndarray, path:
   ax.axvline(mean, color='k', ls='--', lw=1, label=f'mAP {mean:.3f}')
   ax.set(xlabel='average precision', title=title or 'Per-tag average precision')
   ax.legend(loc='lower right')
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_tail_accuracy(labels: np.ndarray, scores: np.ndarray, tag: str, path: Path, *,
@@ -206,7 +198,7 @@ def plot_tail_accuracy(labels: np.ndarray, scores: np.ndarray, tag: str, path: P
   h2, l2 = ax2.get_legend_handles_labels()
   ax.legend(h1 + h2, l1 + l2, loc='lower left', fontsize=8)
   ax.grid(alpha=0.3)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def stretch(rgb, low: float = 2.0, high: float = 98.0) -> np.ndarray:
@@ -256,13 +248,71 @@ def plot_chip_grid(names, labels: np.ndarray, scores: np.ndarray, tags: Sequence
       ax.text(0.5, -0.03, textwrap.fill(_tag_names(labels[i], tags), 34), transform=ax.transAxes,
               ha='center', va='top', fontsize=7)
     top -= rows * cell_h
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- report.md
 
 def _fmt(x, digits: int = 4) -> str:
   return 'n/a' if x is None or not np.isfinite(x) else f'{x:.{digits}f}'
+
+
+def _curves_section(history: Mapping | None, out: Path, model: str) -> list[str]:
+  if not (history and history.get('epochs')):
+    return ['## Training curves', '', 'No training history given.', '']
+  md = []
+  for key, what in (('val_map', 'validation mAP'),
+                    ('val_mean_precision_at_0.5', 'mean precision at 0.5 (the number the '
+                     "study's code printed as mAP and chose its best epoch by)")):
+    ep, v = series(history, key)
+    if np.isfinite(v).any():
+      b = int(np.nanargmax(v))
+      md += [f'Best {what} during training: {v[b]:.4f} at epoch {ep[b]:g} (of {len(ep)}).', '']
+  plot_loss(history, out / 'loss.png', f'Loss per epoch ({model})')
+  plot_map(history, out / 'map.png', f'Validation mAP per epoch ({model})')
+  return md + ['## Training curves', '', '![loss per epoch](loss.png)', '',
+               '![mAP per epoch](map.png)', '']
+
+
+def _ap_section(labels, scores, tags, thresholds, out: Path, model: str) -> list[str]:
+  ap = M.average_precision(labels, scores)
+  num_pos = labels.sum(0)
+  plot_ap_bars(ap, tags, num_pos, out / 'ap_per_tag.png', f'Per-tag AP ({model})')
+  md = ['## Per-tag average precision', '', '![per-tag AP](ap_per_tag.png)', '',
+        '| tag | positives | AP | F2 threshold |', '|---|---:|---:|---:|']
+  for t, n, a, th in zip(tags, num_pos, ap, thresholds):
+    md.append(f'| {t} | {int(n)} | {_fmt(a) if np.isfinite(a) else "n/a (excluded)"} | {th:.2f} |')
+  return md + [f'| **mAP** | | **{_fmt(M.mean_average_precision(labels, scores))}** | |',
+               f'| **F2 at 0.5** | | {_fmt(M.f2_at(labels, scores, 0.5))} | |',
+               f'| **F2 tuned** | | {_fmt(M.f2_at(labels, scores, thresholds))} | |', '']
+
+
+def _best_tag_section(names, labels, scores, tags, thresholds, load_rgb, top_n: int,
+                      out: Path) -> list[str]:
+  ap = M.average_precision(labels, scores)
+  if not np.isfinite(ap).any():
+    return ['## Best tag', '', 'No tag has positives: no tail accuracy, no chip grid.', '']
+  best = int(np.nanargmax(ap))
+  tag, threshold = tags[best], float(thresholds[best])
+  plot_tail_accuracy(labels[:, best], scores[:, best], tag, out / 'tail_accuracy.png',
+                     top_n=top_n, threshold=threshold)
+  acc = M.tail_accuracy(labels[:, best], scores[:, best], [0.5, threshold], top_n)
+  md = ['## Best tag', '',
+        f'Best tag (highest AP): **{tag}** (AP {ap[best]:.4f}, {int(labels[:, best].sum())} '
+        'positives).', '',
+        f'Tail accuracy over its top {min(top_n, len(names))} chips, '
+        r'`sum_i 1[f_i > t] 1[pred_i == y_i] / sum_i 1[f_i > t]` with `pred_i = 1[f_i > 0.5]`, '
+        f'against t from 0.5 to 1 (NaN, not drawn, where no chip scores above t): '
+        f'{_fmt(acc[0], 3)} at t = 0.5'
+        + (f', {_fmt(acc[1], 3)} at the tuned F2 threshold {threshold:.2f}.' if threshold > 0.5
+           else f' (the tuned F2 threshold, {threshold:.2f}, is not above 0.5).'),
+        '', '![tail accuracy](tail_accuracy.png)', '']
+  if load_rgb is None:
+    return md + ['(No chip loader given: chip grid not drawn.)', '']
+  plot_chip_grid(names, labels, scores, tags, best, load_rgb, out / 'best_tag_chips.png')
+  return md + [f'The 10 highest- and 10 lowest-scored chips for "{tag}" (RGB, 2-98 percentile '
+               'stretch per band; title green when the tag is true, red when not; true tags '
+               'below):', '', '![best tag chips](best_tag_chips.png)', '']
 
 
 def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags: Sequence[str],
@@ -276,7 +326,8 @@ def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags
   ``thresholds``: per-tag F2 thresholds (default: tuned here on ``predictions``).
   ``excluded_tags``: tags left out of mAP (default: those without positives in ``predictions``).
   """
-  out = Path(workdir) / 'report'
+  wd = workdir_lib.Workdir(workdir)
+  out = wd.report_dir
   out.mkdir(parents=True, exist_ok=True)
   names = np.asarray(predictions['names'])
   labels = np.asarray(predictions['labels'])
@@ -285,190 +336,23 @@ def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags
   if labels.shape != scores.shape or labels.shape != (len(names), len(tags)):
     raise ValueError(f'predictions: names {names.shape}, labels {labels.shape}, scores '
                      f'{scores.shape} do not match {len(tags)} tags')
-  model = model or (history or {}).get('model') or Path(workdir).name
-  ap = M.average_precision(labels, scores)
+  model = model or (history or {}).get('model') or wd.root.name
   if excluded_tags is None:
     excluded_tags = [tags[i] for i in M.tags_without_positives(labels)]
   if thresholds is None:
     thresholds = M.tune_thresholds(labels, scores)
   thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), (len(tags),))
-  num_pos = labels.sum(0)
-  mean_ap = M.mean_average_precision(labels, scores)
-  f2_half = M.f2_at(labels, scores, 0.5)
-  f2_tuned = M.f2_at(labels, scores, thresholds)
-
   md = [f'# Report: {model}', '',
         f'Evaluated chips: {len(names)}. '
         + (f'Loss (mean sigmoid BCE): {_fmt(loss)}. ' if loss is not None else '')
-        + f'mAP (mean AP over tags with positives): **{_fmt(mean_ap)}**. '
-        f'Kaggle F2 (samples): {_fmt(f2_half)} at 0.5, {_fmt(f2_tuned)} at per-tag tuned thresholds '
-        '(tuned on these same chips, so optimistic).', '']
-  md.append('Excluded from mAP (no positives among these chips): '
-            + (', '.join(excluded_tags) if excluded_tags else 'none') + '.')
-  md.append('')
-
-  if history and history.get('epochs'):
-    ep, vm = _series(history, 'val_map')
-    if np.isfinite(vm).any():
-      b = int(np.nanargmax(vm))
-      md += [f'Best validation mAP during training: {vm[b]:.4f} at epoch {ep[b]:g} '
-             f'(of {len(ep)}).', '']
-    plot_loss(history, out / 'loss.png', f'Loss per epoch ({model})')
-    plot_map(history, out / 'map.png', f'Validation mAP per epoch ({model})')
-    md += ['## Training curves', '', '![loss per epoch](loss.png)', '', '![mAP per epoch](map.png)', '']
-  else:
-    md += ['## Training curves', '', 'No training history given.', '']
-
-  plot_ap_bars(ap, tags, num_pos, out / 'ap_per_tag.png', f'Per-tag AP ({model})')
-  md += ['## Per-tag average precision', '', '![per-tag AP](ap_per_tag.png)', '',
-         '| tag | positives | AP | F2 threshold |', '|---|---:|---:|---:|']
-  for t, n, a, th in zip(tags, num_pos, ap, thresholds):
-    md.append(f'| {t} | {int(n)} | {_fmt(a) if np.isfinite(a) else "n/a (excluded)"} | {th:.2f} |')
-  md += [f'| **mAP** | | **{_fmt(mean_ap)}** | |', f'| **F2 at 0.5** | | {_fmt(f2_half)} | |',
-         f'| **F2 tuned** | | {_fmt(f2_tuned)} | |', '']
-
-  if np.isfinite(ap).any():
-    best = int(np.nanargmax(ap))
-    tag = tags[best]
-    plot_tail_accuracy(labels[:, best], scores[:, best], tag, out / 'tail_accuracy.png',
-                       top_n=top_n, threshold=float(thresholds[best]))
-    n_top = min(top_n, len(names))
-    acc = M.tail_accuracy(labels[:, best], scores[:, best], [0.5, float(thresholds[best])], top_n)
-    md += ['## Best tag', '',
-           f'Best tag (highest AP): **{tag}** (AP {ap[best]:.4f}, {int(num_pos[best])} positives).', '',
-           f'Tail accuracy over its top {n_top} chips, '
-           r'`sum_i 1[f_i > t] 1[pred_i == y_i] / sum_i 1[f_i > t]` with `pred_i = 1[f_i > 0.5]`, '
-           f'against t from 0.5 to 1 (NaN, not drawn, where no chip scores above t): '
-           f'{_fmt(acc[0], 3)} at t = 0.5'
-           + (f', {_fmt(acc[1], 3)} at the tuned F2 threshold {thresholds[best]:.2f}.'
-              if thresholds[best] > 0.5 else
-              f' (the tuned F2 threshold, {thresholds[best]:.2f}, is not above 0.5).'),
-           '', '![tail accuracy](tail_accuracy.png)', '']
-    if load_rgb is not None:
-      plot_chip_grid(names, labels, scores, tags, best, load_rgb, out / 'best_tag_chips.png')
-      md += [f'The 10 highest- and 10 lowest-scored chips for "{tag}" (RGB, 2-98 percentile '
-             'stretch per band; title green when the tag is true, red when not; true tags below):',
-             '', '![best tag chips](best_tag_chips.png)', '']
-    else:
-      md += ['(No chip loader given: chip grid not drawn.)', '']
-  else:
-    md += ['## Best tag', '', 'No tag has positives: no tail accuracy, no chip grid.', '']
-
-  path = out / 'report.md'
-  path.write_text('\n'.join(md))
-  return path
-
-
-# --------------------------------------------------------------------------- comparison
-
-def _best_marks(values: Sequence[float | None], higher_is_better: bool = True) -> list[str]:
-  v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
-  if not np.isfinite(v).any():
-    return ['n/a'] * len(values)
-  best = np.nanmax(v) if higher_is_better else np.nanmin(v)
-  return [('n/a' if not np.isfinite(x) else f'**{x:.4f}**' if x == best else f'{x:.4f}')
-          for x in v]
-
-
-def plot_comparison_curves(histories: Sequence[Mapping], names: Sequence[str], path: Path) -> Path:
-  """Overlaid loss (train dashed, validation solid) and validation mAP per epoch, one colour a model."""
-  fig = Figure(figsize=(12, 4.5), layout='constrained')
-  ax_loss, ax_map = fig.subplots(1, 2)
-  for i, (h, n) in enumerate(zip(histories, names)):
-    c = f'C{i}'
-    ep, tr = _series(h, 'train_loss')
-    ax_loss.plot(ep, tr, '--', color=c, label=f'{n} train')
-    ep, va = _series(h, 'val_loss')
-    ax_loss.plot(ep, va, 'o-', color=c, label=f'{n} validation')
-    ep, vm = _series(h, 'val_map')
-    ax_map.plot(ep, vm, 'o-', color=c, label=n)
-  ax_loss.set(xlabel='epoch', ylabel='loss', title='Loss per epoch')
-  ax_map.set(xlabel='epoch', ylabel='validation mAP', title='Validation mAP per epoch')
-  for ax in (ax_loss, ax_map):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  return _save(fig, path)
-
-
-def plot_comparison_ap(ap_rows: Sequence[Sequence[float | None]], names: Sequence[str],
-                       tags: Sequence[str], path: Path) -> Path:
-  """Grouped bars: per-tag AP of every model."""
-  fig = Figure(figsize=(13, 4.5), layout='constrained')
-  ax = fig.add_subplot()
-  x = np.arange(len(tags))
-  width = 0.8 / max(1, len(names))
-  for i, (row, n) in enumerate(zip(ap_rows, names)):
-    v = np.array([np.nan if a is None else a for a in row], np.float64)
-    ax.bar(x + (i - (len(names) - 1) / 2) * width, np.nan_to_num(v), width, label=n, color=f'C{i}')
-  ax.set_xticks(x, tags, rotation=45, ha='right')
-  ax.set(ylabel='average precision', ylim=(0, 1.05), title='Per-tag AP by model')
-  ax.grid(alpha=0.3, axis='y')
-  ax.legend()
-  return _save(fig, path)
-
-
-def write_comparison(workdirs: Sequence, out_dir) -> Path:
-  """Side-by-side table (per-tag AP, mAP, F2, loss; best per row in bold) and overlaid curves.
-
-  Reads each workdir's history.json and eval/metrics.json; writes ``out_dir/comparison.md``,
-  ``comparison_curves.png`` and ``comparison_ap.png``; returns the path of comparison.md.
-  """
-  if not workdirs:
-    raise ValueError('write_comparison needs at least one workdir')
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  histories, mets, names = [], [], []
-  for wd in map(Path, workdirs):
-    histories.append(read_history(wd / 'history.json'))
-    mets.append(read_metrics(wd / 'eval' / 'metrics.json'))
-    names.append(str(mets[-1].get('model') or histories[-1].get('model') or wd.name))
-  if len(set(names)) < len(names):  # same model twice: tell the columns apart by directory
-    names = [f'{n} ({Path(w).name})' for n, w in zip(names, workdirs)]
-  tags = list(mets[0]['ap'])
-  for m, wd in zip(mets, workdirs):
-    if list(m['ap']) != tags:
-      raise ValueError(f'{wd}: tags {list(m["ap"])} differ from {tags}')
-  ap_rows = [[m['ap'][t] for t in tags] for m in mets]
-
-  md = ['# Comparison', '',
-        'Per-tag average precision on the validation split; **bold** = best of the row. '
-        'n/a = the tag has no positives in that evaluation (excluded from its mAP).', '',
-        '| tag | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
-  for j, t in enumerate(tags):
-    md.append(f'| {t} | ' + ' | '.join(_best_marks([r[j] for r in ap_rows])) + ' |')
-  best_hist = []
-  for h in histories:
-    ep, vm = _series(h, 'val_map')
-    best_hist.append(float(np.nanmax(vm)) if np.isfinite(vm).any() else None)
-  summary = [('**mAP**', [m['map'] for m in mets], True),
-             ('F2 at 0.5', [m['f2_at_0.5'] for m in mets], True),
-             ('F2 tuned', [m['f2_tuned'] for m in mets], True),
-             ('loss', [m['loss'] for m in mets], False),
-             ('best val mAP in training', best_hist, True)]
-  for label, vals, hib in summary:
-    md.append(f'| {label} | ' + ' | '.join(_best_marks(vals, hib)) + ' |')
-  md.append('')
-  excl = [f'{n}: {", ".join(m["excluded_tags"])}' for n, m in zip(names, mets) if m['excluded_tags']]
-  md += ['Excluded tags: ' + ('; '.join(excl) if excl else 'none') + '.', '',
-         'Workdirs: ' + ', '.join(f'{n} = `{Path(w).name}`' for n, w in zip(names, workdirs)), '']
-  plot_comparison_curves(histories, names, out / 'comparison_curves.png')
-  plot_comparison_ap(ap_rows, names, tags, out / 'comparison_ap.png')
-  md += ['![loss and mAP per epoch](comparison_curves.png)', '',
-         '![per-tag AP by model](comparison_ap.png)', '']
-  path = out / 'comparison.md'
-  path.write_text('\n'.join(md))
-  return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if len(argv) < 2 or argv[0] in ('-h', '--help'):
-    print('usage: python -m rf_jax.report OUT_DIR WORKDIR [WORKDIR ...]')
-    return 2
-  print(write_comparison(argv[1:], argv[0]))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+        + f'mAP (mean AP over tags with positives): '
+        f'**{_fmt(M.mean_average_precision(labels, scores))}**. Kaggle F2 (samples): '
+        f'{_fmt(M.f2_at(labels, scores, 0.5))} at 0.5, {_fmt(M.f2_at(labels, scores, thresholds))}'
+        ' at per-tag tuned thresholds (tuned on these same chips, so optimistic).', '',
+        'Excluded from mAP (no positives among these chips): '
+        + (', '.join(excluded_tags) if excluded_tags else 'none') + '.', '']
+  md += _curves_section(history, out, model)
+  md += _ap_section(labels, scores, tags, thresholds, out, model)
+  md += _best_tag_section(names, labels, scores, tags, thresholds, load_rgb, top_n, out)
+  workdir_lib.write_text(wd.report, '\n'.join(md))
+  return wd.report

@@ -2,7 +2,7 @@
 
 Drives the real entry points: the CLI (`python -m rf_jax.main`, in subprocesses run two at
 a time) for the cases that go through flags, config, workdir, weights and checkpoints, and
-`pipeline.prepare` / `port.*` / `checkpoints.*` (what the CLI calls) in-process for the
+`inputs.prepare` / `weights.*` / `checkpoints.*` (what the CLI calls) in-process for the
 many data-file cases, where a process per case would cost seconds each. Each case asserts:
 the error names the file (and line) or the key, suggests the fix where obvious, is one of
 the errors the CLI prints as one `error:` line (exit status 1, no traceback), and nothing
@@ -26,11 +26,12 @@ import tifffile
 
 from rf_jax import checkpoints
 from rf_jax import evaluate
-from rf_jax import main as cli_main
+from rf_jax import inputs
+from rf_jax import user_errors
 from rf_jax import train
-from rf_jax.data import pipeline
 from rf_jax.data import planet
-from rf_jax.models import port
+from rf_jax import weights
+from rf_jax.workdir import Workdir
 from tiny_configs import tiny, train_recording_saves
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def assert_user_error(error: BaseException, *patterns: str) -> None:
   """An error the CLI prints as an `error:` line: its first line matches the first pattern
   (the file, line or key), the whole message every pattern (a fix may be a command on its
   own line)."""
-  assert isinstance(error, cli_main.USER_ERRORS), f'{type(error).__name__} would be a traceback'
+  assert isinstance(error, user_errors.USER_ERRORS), f'{type(error).__name__} would be a traceback'
   _match(str(error), patterns)
 
 
@@ -94,7 +95,7 @@ def trained(tmp_path_factory, synthetic_kaggle_dir, prepared_dir):
   config = tiny('rgb', synthetic_kaggle_dir, prepared_dir)
   saved_steps = train_recording_saves(config, workdir)
   evaluate.evaluate(config, workdir)
-  assert (workdir / evaluate.EVAL_DIR / evaluate.PREDICTIONS).is_file()
+  assert Workdir(workdir).predictions.is_file()
   return config, workdir, saved_steps
 
 
@@ -112,11 +113,11 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
   base = cli_flags(config)
   fresh = lambda name: ['--workdir', str(tmp / name), '--mode', 'train']
 
-  weights = tmp / 'weights'
-  weights.mkdir()
-  good = weights / 'resnet18.msgpack'
-  port.save_weights_file(_resnet18_variables(), good)
-  truncated = weights / 'truncated.msgpack'
+  weights_dir = tmp / 'weights'
+  weights_dir.mkdir()
+  good = weights_dir / 'resnet18.msgpack'
+  weights.save_weights_file(_resnet18_variables(), good)
+  truncated = weights_dir / 'truncated.msgpack'
   truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
   shutil.copy(good.with_name(good.name + '.sha256'), truncated.with_name(truncated.name + '.sha256'))
   a_file = tmp / 'a_file'
@@ -172,7 +173,7 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
 
 def _resnet18_variables(num_classes: int = 1000) -> dict:
   """Zero-valued variables with torchvision ResNet-18's names and shapes."""
-  flat = {k: np.zeros(s, np.float32) for k, s in port.resnet18_shapes(num_classes, 3).items()}
+  flat = {k: np.zeros(s, np.float32) for k, s in weights.resnet18_shapes(num_classes, 3).items()}
   out = {}
   for key, value in flat.items():
     node = out
@@ -222,7 +223,7 @@ def test_cli_errors_damage_nothing_written_before(cli_results, trained):
   assert not list(workdir.rglob('*' + checkpoints.TMP_MARKER + '*'))
 
 
-# --- data files, through pipeline.prepare (what every mode calls first) -------------------
+# --- data files, through inputs.prepare (what every mode calls first) -------------------
 
 
 def _broken_dir(source, dest: pathlib.Path, case: str) -> pathlib.Path:
@@ -292,7 +293,7 @@ def test_bad_data_files_are_named(case, synthetic_kaggle_dir, prepared_dir, trai
   raw_dir = _broken_dir(synthetic_kaggle_dir, tmp_path / 'raw', case)
   before = tree_digest(prepared_dir / 'planet_amazon')
   with pytest.raises(Exception) as error:
-    pipeline.prepare(tiny('rgb', raw_dir, prepared_dir).data, tmp_path / 'workdir')
+    inputs.prepare(tiny('rgb', raw_dir, prepared_dir), Workdir(tmp_path / 'workdir'))
   assert_user_error(error.value, *DATA_CASES[case])
   after = tree_digest(prepared_dir / 'planet_amazon')
   assert {k: v for k, v in after.items() if k in before} == before  # the good dataset intact
@@ -306,18 +307,18 @@ def _version_dir(prepared_dir) -> pathlib.Path:
 def test_interrupted_tfds_build_is_ignored_and_rebuilt(synthetic_kaggle_dir, trained, tmp_path,
                                                        caplog):
   prepared = tmp_path / 'prepared'
-  good = tiny('rgb', synthetic_kaggle_dir, trained[0].data.prepared_dir).data
-  shutil.copytree(good.prepared_dir, prepared)
+  good = tiny('rgb', synthetic_kaggle_dir, trained[0].data.prepared_dir)
+  shutil.copytree(good.data.prepared_dir, prepared)
   version = _version_dir(prepared)
   incomplete = version.parent / 'incomplete.abc123'
   version.rename(incomplete)  # a build killed before TFDS renamed it into place
   (incomplete / 'planet_amazon-train.array_record-00000-of-00001').write_bytes(b'half')
-  config = tiny('rgb', synthetic_kaggle_dir, prepared).data
+  config = tiny('rgb', synthetic_kaggle_dir, prepared)
   with caplog.at_level('WARNING'):
-    data = pipeline.prepare(config, tmp_path / 'workdir')
+    data = inputs.prepare(config, Workdir(tmp_path / 'workdir'))
   assert len(data.train) == 40 and len(data.validation) == 20
   assert 'incomplete.abc123' in caplog.text  # said where the stale build is
-  reference = pipeline.prepare(good, tmp_path / 'workdir')
+  reference = inputs.prepare(good, Workdir(tmp_path / 'workdir'))
   np.testing.assert_array_equal(data.train[7]['image'], reference.train[7]['image'])
 
 
@@ -330,7 +331,7 @@ def test_prepared_dataset_missing_a_shard_is_named(synthetic_kaggle_dir, trained
   version = _version_dir(prepared)
   (version / 'planet_amazon-train.array_record-00000-of-00001').unlink()  # a copy cut short
   with pytest.raises(Exception) as error:
-    data = pipeline.prepare(tiny('rgb', synthetic_kaggle_dir, prepared).data, tmp_path / 'workdir')
+    data = inputs.prepare(tiny('rgb', synthetic_kaggle_dir, prepared), Workdir(tmp_path / 'workdir'))
     data.train[0]  # pylint: disable=pointless-statement
   assert_user_error(error.value, re.escape(str(version)), 'delete')
 
@@ -345,11 +346,11 @@ def test_weights_of_another_architecture_list_every_name(tmp_path):
   path = tmp_path / 'resnet34.msgpack'
   from flax import serialization  # pylint: disable=g-import-not-at-top
   path.write_bytes(serialization.msgpack_serialize(
-      {'format': port.WEIGHTS_FORMAT, 'arch': 'resnet34', 'meta': {}, **variables,
+      {'format': weights.WEIGHTS_FORMAT, 'arch': 'resnet34', 'meta': {}, **variables,
        'batch_stats': variables['batch_stats']}))
-  path.with_name(path.name + '.sha256').write_text(f'{port.sha256_of(path)}  {path.name}\n')
+  path.with_name(path.name + '.sha256').write_text(f'{weights.sha256_of(path)}  {path.name}\n')
   with pytest.raises(Exception) as error:
-    port.load_weights_file(path)
+    weights.load_weights_file(path)
   assert_user_error(error.value, 'resnet34.msgpack', 'not a torchvision ResNet-18')
   assert 'layer1_2' in str(error.value) and 'fc' in str(error.value)
 
@@ -364,8 +365,8 @@ def test_pth_holding_a_pickle_with_code_is_refused(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   path = tmp_path / 'resnet18.pth'
   torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7), 'payload': _RunsCode()}, path)
-  with pytest.raises(port.UnsafeCheckpointError, match='refusing to load .*resnet18.pth'):
-    port.read_state_dict(path)
+  with pytest.raises(weights.UnsafeCheckpointError, match='refusing to load .*resnet18.pth'):
+    weights.read_state_dict(path)
   assert not (tmp_path / 'pwned').exists()
 
 
@@ -375,9 +376,9 @@ def test_truncated_pth_is_named(tmp_path):
   torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7)}, path)
   path.write_bytes(path.read_bytes()[:1000])
   with pytest.raises(Exception) as error:
-    port.read_state_dict(path)
-  assert isinstance(error.value, (port.WeightsFileError, port.UnsafeCheckpointError,
-                                  port.WeightsMismatchError)), repr(error.value)
+    weights.read_state_dict(path)
+  assert isinstance(error.value, (weights.WeightsFileError, weights.UnsafeCheckpointError,
+                                  weights.WeightsMismatchError)), repr(error.value)
   assert 'resnet18-f37072fd.pth' in str(error.value)
 
 
@@ -389,8 +390,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained, tmp_path,
   from orbax.checkpoint._src.handlers import json_checkpoint_handler  # pylint: disable=g-import-not-at-top
   config, workdir, _ = trained
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
-  before = tree_digest(tmp_path / checkpoints.CHECKPOINT_DIR / '5')
-  history = (tmp_path / train.HISTORY_FILE).read_text()
+  before = tree_digest(Workdir(tmp_path).checkpoints / '5')
+  history = Workdir(tmp_path).history.read_text()
   config = config.copy_and_resolve_references()
   config.num_epochs = 2
   real_save = json_checkpoint_handler.JsonCheckpointHandler.async_save
@@ -408,15 +409,16 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained, tmp_path,
       train.train_and_evaluate(config, tmp_path)
   assert_user_error(error.value, 'checkpoint of step 10', 'No space left on device',
                     r'previous checkpoint \(step 5\) is intact', 'rerun the same command')
-  directory = tmp_path / checkpoints.CHECKPOINT_DIR
+  directory = Workdir(tmp_path).checkpoints
   assert list(directory.glob('10' + checkpoints.TMP_MARKER + '*'))  # the half-written save
   assert tree_digest(directory / '5') == before
-  assert (tmp_path / train.HISTORY_FILE).read_text() == history
-  assert checkpoints.restore_for_evaluation(tmp_path).step == 5
+  assert Workdir(tmp_path).history.read_text() == history
+  assert checkpoints.restore_for_evaluation(Workdir(tmp_path).checkpoints).step == 5
 
   capsys.readouterr()
   train.train_and_evaluate(config, tmp_path)  # disk freed: rerun resumes from step 5
   out, err = capsys.readouterr()
   assert 'Removing 1 unfinished checkpoint write' in err and 'Resumed from step 5' in out
   assert not list(directory.glob('*' + checkpoints.TMP_MARKER + '*'))
-  assert checkpoints.create_manager(tmp_path, read_only=True).latest_step() == 10
+  manager = checkpoints.create_manager(Workdir(tmp_path).checkpoints, read_only=True)
+  assert manager.latest_step() == 10

@@ -1,6 +1,8 @@
 """Evaluation end to end: reproduction check, metrics, report files, Kaggle submission."""
 
+import contextlib
 import csv
+import io
 import json
 
 import jax
@@ -10,8 +12,10 @@ import pytest
 from configs import demo
 from rf_jax import checkpoints
 from rf_jax import evaluate
+from rf_jax import submission
 from rf_jax import train
 from rf_jax.data import planet
+from rf_jax.workdir import Workdir
 
 
 @pytest.fixture(scope='module')
@@ -30,18 +34,31 @@ def trained(tmp_path_factory, synthetic_kaggle_dir):
   config.eval.top_n = 10
   workdir = tmp_path_factory.mktemp('evaluated')
   train.train_and_evaluate(config, workdir)
-  first = evaluate.evaluate(config, workdir)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    first = evaluate.evaluate(config, workdir)
+  first['printed'] = printed.getvalue()
   return config, workdir, first
+
+
+def test_first_evaluation_reproduces_the_training_time_scores(trained):
+  _, workdir, first = trained
+  # The checkpoint of the best epoch holds that epoch's validation scores from training.
+  assert first['reproduction']['exact'] and first['reproduction']['reproduces']
+  assert first['reproduction']['mean_relative_error'] == 0.0
+  assert 'REPRODUCED exactly' in first['printed'] and 'at training' in first['printed']
+  history = json.loads(Workdir(workdir).history.read_text())['epochs']
+  assert first['reproduction']['history_value'] == history[-1]['val_map']
+  assert first['map'] == pytest.approx(history[-1]['val_map'], rel=1e-6)
 
 
 def test_first_evaluation_writes_predictions_and_metrics(trained):
   config, workdir, first = trained
-  assert first['reproduction'] is None  # nothing to compare with yet
   with np.load(workdir / 'eval' / 'predictions.npz') as saved:
     assert saved['scores'].shape == saved['labels'].shape == (20, 17)
     assert ((saved['scores'] > 0) & (saved['scores'] < 1)).all()
   metrics = json.loads((workdir / 'eval' / 'metrics.json').read_text())
-  history = json.loads((workdir / train.HISTORY_FILE).read_text())['epochs']
+  history = json.loads(Workdir(workdir).history.read_text())['epochs']
   assert metrics['map'] == pytest.approx(history[-1]['val_map'], rel=1e-6)
   assert metrics['loss'] == pytest.approx(history[-1]['val_loss'], rel=1e-5)
   assert metrics['f2_tuned'] >= metrics['f2_at_0.5']
@@ -61,12 +78,15 @@ def test_changed_checkpoint_does_not_reproduce(trained, tmp_path, capsys):
   config, workdir, _ = trained
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
   saved_before = (tmp_path / 'eval' / 'predictions.npz').read_bytes()
-  restored = checkpoints.restore_for_evaluation(tmp_path)
+  directory = Workdir(tmp_path).checkpoints
+  restored = checkpoints.restore_for_evaluation(directory)
   restored.state['params']['fc']['bias'] = restored.state['params']['fc']['bias'] + 0.5
-  manager = checkpoints.create_manager(tmp_path)
+  manager = checkpoints.create_manager(directory)
   manager.delete(restored.step)
+  record = {'val_map': 0.5, 'val_mean_precision_at_0.5': 0.5}
   checkpoints.save(manager, restored.step, state=restored.state, data_state=restored.data_state,
-                   progress=restored.progress, config=config, metrics={'val_map': 0.5})
+                   progress=restored.progress, config=config, record=record,
+                   val_scores=restored.val_scores)
   result = evaluate.evaluate(config, tmp_path)
   assert not result['reproduction']['reproduces']
   assert result['reproduction']['max_abs_score_difference'] > 0.01
@@ -89,7 +109,7 @@ def test_report_files_are_written(trained):
 
 def test_submission_has_one_row_per_test_chip(trained):
   config, workdir, _ = trained
-  path = evaluate.predict_test(config, workdir)
+  path = submission.predict_test(config, workdir)
   with open(path, newline='') as f:
     rows = list(csv.reader(f))
   assert rows[0] == ['image_name', 'tags']

@@ -26,7 +26,7 @@ import pytest
 from tiny_configs import tiny, train_recording_saves
 
 from rf_jax import checkpoints
-from rf_jax import train
+from rf_jax.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
@@ -59,7 +59,7 @@ def start(config, workdir) -> subprocess.Popen:
 
 def saved_steps(workdir) -> list[int]:
   """Complete checkpoints only (orbax renames <step>.orbax-checkpoint-tmp into <step>)."""
-  directory = pathlib.Path(workdir) / checkpoints.CHECKPOINT_DIR
+  directory = Workdir(workdir).checkpoints
   return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.is_dir() else []
 
 
@@ -80,11 +80,11 @@ def strip(history) -> list:
 
 
 def history(workdir) -> list:
-  return json.loads((pathlib.Path(workdir) / train.HISTORY_FILE).read_text())['epochs']
+  return json.loads(Workdir(workdir).history.read_text())['epochs']
 
 
 def final_arrays(workdir) -> list:
-  restored = checkpoints.restore_for_evaluation(workdir, FINAL_STEP)
+  restored = checkpoints.restore_for_evaluation(Workdir(workdir).checkpoints, FINAL_STEP)
   return jax.tree_util.tree_flatten_with_path(restored.state)[0]
 
 
@@ -112,7 +112,8 @@ def test_checkpoint_every_n_steps(reference):
   _, workdir, steps = reference
   # Every 2 steps within an epoch, plus each epoch's end (5, 10) with its validation mAP.
   assert steps == [2, 4, 5, 6, 8, 10]
-  assert checkpoints.create_manager(workdir, read_only=True).all_steps()[-1] == FINAL_STEP
+  manager = checkpoints.create_manager(Workdir(workdir).checkpoints, read_only=True)
+  assert manager.all_steps()[-1] == FINAL_STEP
 
 
 def test_sigkill_at_random_points_then_restart_is_exact(reference, tmp_path):
@@ -155,7 +156,7 @@ def test_sigkill_at_random_points_then_restart_is_exact(reference, tmp_path):
   proc = start(config, tmp_path)  # and the last restart runs to the end
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
-  assert not list((tmp_path / checkpoints.CHECKPOINT_DIR).glob('*' + checkpoints.TMP_MARKER + '*'))
+  assert not list(Workdir(tmp_path).checkpoints.glob('*' + checkpoints.TMP_MARKER + '*'))
 
   difference = assert_same_run(tmp_path, reference_workdir)
   print(f'\nkill/restart (seed {seed}): {kills} SIGKILLs survived ({"; ".join(log)}); '

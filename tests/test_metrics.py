@@ -226,3 +226,13 @@ def test_tail_accuracy_nan_and_values():
   # top 3: 0.99(y1) 0.95(y0) 0.9(y1); t=0.5: 2/3; t=0.92: 1/2; t=0.99: none above -> NaN.
   np.testing.assert_allclose(got, [2 / 3, 1 / 2, np.nan], equal_nan=True)
   assert np.isnan(metrics.tail_accuracy(labels, scores, [0.5], top_n=None)).sum() == 0
+
+
+def test_mean_precision_at_half_equals_sklearn():
+  rng = np.random.default_rng(3)
+  labels = (rng.random((200, 17)) < 0.3).astype(np.float32)
+  scores = np.clip(labels * 0.3 + rng.random((200, 17)) * 0.7, 0, 1)
+  scores[:, 5] = 0.1  # a tag predicted nowhere: precision 0, as the study's code counted it
+  want = np.mean([sklearn_metrics.precision_score(labels[:, k], scores[:, k] > 0.5, zero_division=0)
+                  for k in range(17)])
+  assert metrics.mean_precision_at(labels, scores, 0.5) == pytest.approx(want, abs=1e-12)

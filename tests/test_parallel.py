@@ -18,24 +18,26 @@ import pytest
 # Runs in a child process: the device count is fixed when jax starts.
 _SCRIPT = textwrap.dedent('''
     import functools, json
-    import jax, numpy as np
+    import jax, jax.numpy as jnp, numpy as np
     from configs import default
-    from rf_jax import parallel, train
+    from rf_jax import parallel, steps, train
+    from rf_jax.models import registry
 
     jax.config.update('jax_enable_x64', True)
     config = default.get_config()
     config.model.weights = ''
     config.batch_size = 8
-    config.dtype = 'float64'
+    config.data.crop_size = 96
     rng = np.random.default_rng(0)
     batches = [{'image': rng.normal(size=(8, 96, 96, 3)),
                 'labels': (rng.random((8, 17)) < 0.3).astype(np.float64)} for _ in range(3)]
-    lr_fn = train.create_learning_rate_fn(config, 10)
+    lr_fn = steps.create_learning_rate_fn(0.005, 10, 0.3, steps_per_epoch=10)
 
     def run(kind, devices=None):
-      model = train.create_model(config, parallel.AXIS_NAME if kind == 'pmap' else None)
-      state = train.create_train_state(jax.random.key(0), config, model, 96, lr_fn)
-      runner = parallel.create_runner(kind, train.train_step, train.eval_step, devices)
+      model = registry.create_model('rgb', num_classes=17, dtype=jnp.float64,
+                                    axis_name=parallel.AXIS_NAME if kind == 'pmap' else None)
+      state = train.create_train_state(config, model, lr_fn, jax.random.key(0))
+      runner = parallel.create_runner(kind, steps.train_step, steps.eval_step, devices)
       state = runner.put_state(state)
       losses = []
       for batch in batches:

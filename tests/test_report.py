@@ -1,13 +1,16 @@
 """rf_jax.report on small fake workdirs: files exist, PNGs are real pictures, markdown links them."""
 
 import json
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from rf_jax import metrics, report
+from rf_jax import comparison, metrics, report
 
 TAGS = ('clear', 'cloudy', 'haze', 'partly_cloudy', 'agriculture', 'artisinal_mine', 'bare_ground',
         'blooming', 'blow_down', 'conventional_mine', 'cultivation', 'habitation', 'primary', 'road',
@@ -125,7 +128,7 @@ def test_metrics_summary_keys_and_json(tmp_path):
 def test_write_comparison(tmp_path):
   workdirs = [_make_workdir(tmp_path, m, i, skill)[0]
               for i, (m, skill) in enumerate([('rgb', 0.2), ('rgbir', 0.4), ('dual', 0.6)])]
-  path = report.write_comparison(workdirs, tmp_path / 'cmp')
+  path = comparison.write_comparison(workdirs, tmp_path / 'cmp')
   md = path.read_text()
   header = next(line for line in md.splitlines() if line.startswith('| tag |'))
   assert header == '| tag | rgb | rgbir | dual |'
@@ -146,15 +149,23 @@ def test_write_comparison_errors(tmp_path):
   wd, _, _ = _make_workdir(tmp_path, 'rgb', 0, 0.4)
   (wd / 'eval' / 'metrics.json').unlink()
   with pytest.raises(FileNotFoundError, match='metrics.json'):
-    report.write_comparison([wd], tmp_path / 'cmp')
+    comparison.write_comparison([wd], tmp_path / 'cmp')
   with pytest.raises(ValueError):
-    report.write_comparison([], tmp_path / 'cmp')
+    comparison.write_comparison([], tmp_path / 'cmp')
 
 
-def test_comparison_cli(tmp_path, capsys):
+def _compare_cli(workdirs, out):
+  return subprocess.run(
+      [sys.executable, '-m', 'rf_jax.main', '--mode', 'compare', '--workdir', str(out),
+       '--compare', ','.join(map(str, workdirs))],
+      capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_comparison_cli(tmp_path):
   workdirs = [_make_workdir(tmp_path, 'rgb', i, 0.4, dirname=f'run{i}')[0] for i in range(2)]
-  assert report.main([str(tmp_path / 'cmp')] + [str(w) for w in workdirs]) == 0
-  assert capsys.readouterr().out.strip().endswith('comparison.md')
+  result = _compare_cli(workdirs, tmp_path / 'cmp')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().endswith('comparison.md')
   md = (tmp_path / 'cmp' / 'comparison.md').read_text()
   header = next(line for line in md.splitlines() if line.startswith('| tag |'))
   assert header == '| tag | rgb (run0) | rgb (run1) |'  # same model twice: told apart by directory
@@ -171,3 +182,11 @@ def test_stretch_real_chips():
     out = report.stretch(rgb)
     assert out.shape == rgb.shape and out.min() == 0.0 and out.max() == 1.0
     assert (out.reshape(-1, 3).std(0) > 0.1).all(), name  # every band uses the display range
+
+
+def test_comparison_cli_names_a_workdir_without_results(tmp_path):
+  good = _make_workdir(tmp_path, 'rgb', 0, 0.4, dirname='run0')[0]
+  result = _compare_cli([good, tmp_path / 'never_trained'], tmp_path / 'cmp')
+  assert result.returncode == 1
+  assert result.stderr.startswith('error: ') and 'never_trained' in result.stderr
+  assert 'Traceback' not in result.stderr

@@ -16,8 +16,11 @@ from configs import rgb
 from rf_jax import checkpoints
 from rf_jax import config_checks
 from rf_jax import parallel
+from rf_jax import steps
 from rf_jax import train
-from rf_jax.models import port
+from rf_jax import weights
+from rf_jax.models import registry
+from rf_jax.workdir import Workdir
 from tiny_configs import tiny
 
 torchvision = pytest.importorskip('torchvision')
@@ -31,9 +34,9 @@ def weights_file(tmp_path_factory) -> pathlib.Path:
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   net = torchvision.models.resnet18()
-  variables = port.torchvision_to_flax({k: v.numpy() for k, v in net.state_dict().items()})
+  variables = weights.torchvision_to_flax({k: v.numpy() for k, v in net.state_dict().items()})
   path = tmp_path_factory.mktemp('weights') / 'resnet18.msgpack'
-  port.save_weights_file(variables, path)
+  weights.save_weights_file(variables, path)
   return path
 
 
@@ -69,7 +72,7 @@ def _events(workdir: pathlib.Path) -> dict:
 
 
 def _history(workdir) -> list:
-  return json.loads((workdir / train.HISTORY_FILE).read_text())['epochs']
+  return json.loads(Workdir(workdir).history.read_text())['epochs']
 
 
 @pytest.mark.parametrize('name', ['rgb', 'rgbir', 'dual'])
@@ -83,10 +86,13 @@ def test_run_leaves_checkpoints_history_and_events(runs, name):
     for key in ('train_loss', 'val_loss', 'val_map', 'lr', *TIMING_KEYS):
       assert math.isfinite(record[key]) and record[key] > 0, (key, record)
     assert len(record['val_ap']) == 17
+    assert 0 <= record['val_mean_precision_at_0.5'] <= 1
   assert int(state.step) == history[-1]['step']
 
-  manager = checkpoints.create_manager(workdir, read_only=True)
+  manager = checkpoints.create_manager(Workdir(workdir).checkpoints, read_only=True)
   assert manager.latest_step() == history[-1]['step']
+  best = checkpoints.restore_for_evaluation(Workdir(workdir).checkpoints)
+  assert best.val_scores.shape == (20, 17)  # the best epoch's validation scores, kept with it
   assert manager.best_step() == history[int(np.argmax([r['val_map'] for r in history]))]['step']
 
   scalars = _events(workdir)
@@ -113,17 +119,17 @@ def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, pr
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path, monkeypatch):
   config, workdir, _ = runs['rgbir']
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
-  before = (tmp_path / train.HISTORY_FILE).read_text()
+  before = Workdir(tmp_path).history.read_text()
   config = config.copy_and_resolve_references()
   config.num_epochs = 2
-  real_loss = train.sigmoid_bce
-  monkeypatch.setattr(train, 'sigmoid_bce', lambda logits, labels: real_loss(logits, labels) * jnp.nan)
+  real_loss = steps.sigmoid_bce
+  monkeypatch.setattr(steps, 'sigmoid_bce', lambda logits, labels: real_loss(logits, labels) * jnp.nan)
   with pytest.raises(train.NonFiniteLossError, match=r'last good checkpoint \(step 5\)'):
     train.train_and_evaluate(config, tmp_path)
-  manager = checkpoints.create_manager(tmp_path, read_only=True)
+  manager = checkpoints.create_manager(Workdir(tmp_path).checkpoints, read_only=True)
   assert manager.all_steps() == [5]
-  assert (tmp_path / train.HISTORY_FILE).read_text() == before
-  restored = checkpoints.restore_for_evaluation(tmp_path)
+  assert Workdir(tmp_path).history.read_text() == before
+  restored = checkpoints.restore_for_evaluation(Workdir(tmp_path).checkpoints)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.state['params']))
 
 
@@ -138,7 +144,11 @@ def test_restarting_with_another_model_in_the_workdir_is_refused(runs, tmp_path)
 
 
 @pytest.mark.parametrize('key,value,message', [
-    ('model.name', 'resnet50', r"config.model.name='resnet50' is not one of rgb, rgbir, dual"),
+    ('model.name', 'resnet50', r"config.model.name='resnet50' is not one of "
+     + ', '.join(registry.MODEL_NAMES)),
+    ('model.ir_stem_init', 'he', r"config.model.ir_stem_init='he' is not one of study, "),
+    ('data.train_transform', 'crop', r"config.data.train_transform='crop' is not one of "),
+    ('eval.select_by', 'loss', r"config.eval.select_by='loss' is not one of map, "),
     ('optim.lr', -0.1, r'config.optim.lr=-0.1 must be > 0'),
     ('dtype', 'float16', r"config.dtype='float16'"),
     ('data.val_fraction', 1.5, r'config.data.val_fraction=1.5'),

@@ -56,8 +56,8 @@ def test_convolutions_leave_ynnpack_in_this_process():
 def test_training_writer_does_not_load_torch(tmp_path):
   pytest.importorskip('torch')  # only meaningful where torch is installed
   code = ('import sys, pathlib\n'
-          'from rf_jax import train\n'
-          f'train._summary_writer(pathlib.Path({str(tmp_path)!r})).close()\n'
+          'from rf_jax import history\n'
+          f'history.summary_writer(pathlib.Path({str(tmp_path)!r})).close()\n'
           "print('torch' in sys.modules)\n")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=pathlib.Path(__file__).resolve().parents[1], timeout=120)

@@ -1,0 +1,48 @@
+"""A run's inputs: its config turned into the data layer's explicit arguments.
+
+Training and evaluation read the same dataset, batches and transforms through these three
+functions, so a key of `config.data` is interpreted in one place.
+"""
+
+import jax
+import ml_collections
+
+from rf_jax import workdir as workdir_lib
+from rf_jax.data import pipeline
+from rf_jax.data import synthetic
+from rf_jax.models import registry
+
+# Where TFDS keeps prepared datasets unless config.data.prepared_dir says otherwise.
+DEFAULT_PREPARED_DIR = '~/tensorflow_datasets'
+
+
+def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> pipeline.PlanetData:
+  """The prepared dataset of `config.data` (generated and prepared on first use)."""
+  data = config.data
+  spec = None
+  raw_dir, prepared_dir = data.raw_dir, data.prepared_dir or DEFAULT_PREPARED_DIR
+  if data.synthetic.num_chips:  # generated into the workdir unless the config names a place
+    s = data.synthetic
+    spec = synthetic.Spec(num_chips=s.num_chips, chip_size=s.chip_size, num_test=s.num_test,
+                          seed=s.seed)
+    raw_dir, prepared_dir = data.raw_dir or wd.synthetic, data.prepared_dir or wd.prepared
+  return pipeline.prepare(raw_dir, prepared_dir, layout=data.layout,
+                          val_fraction=data.val_fraction, split_seed=data.split_seed,
+                          synthetic=spec)
+
+
+def train_loader(config: ml_collections.ConfigDict, data: pipeline.PlanetData):
+  """This process's part of every global training batch, for `iter()`."""
+  return pipeline.train_loader(
+      data, batch_size=config.batch_size // jax.process_count(),
+      image_size=config.data.crop_size, bands=registry.input_bands(config.model.name),
+      seed=config.seed, transform=config.data.train_transform,
+      normalisation=config.data.normalisation, num_workers=config.data.num_workers,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def eval_batches(config: ml_collections.ConfigDict, data: pipeline.PlanetData, split: str):
+  """One pass over `split` in source order, padded to whole batches (a 'mask' marks chips)."""
+  return pipeline.eval_batches(
+      data, split, batch_size=config.eval_batch_size, image_size=config.data.eval_size,
+      bands=registry.input_bands(config.model.name), normalisation=config.data.normalisation)
