@@ -6,7 +6,7 @@
   SYNTHETIC_CHIPS chips of SYNTHETIC_SIZE px (>= 96 px, so models can run on
   it), SYNTHETIC_TEST test chips, seed 0. Read-only: do not modify it.
 * `prepared_synthetic`: `pipeline.PlanetData` over it (TFDS built once per
-  session in a temporary data_dir, default split 0.33 / seed 321).
+  session in a temporary data_dir, the study's split 0.33 / seed 321).
 """
 
 import os
@@ -52,12 +52,8 @@ def synthetic_kaggle_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='session')
 def prepared_synthetic(synthetic_kaggle_dir, tmp_path_factory):
-  import ml_collections
   from rf_jax.data import pipeline
-  config = ml_collections.ConfigDict(dict(
-      raw_dir=str(synthetic_kaggle_dir), layout='auto',
-      prepared_dir=str(tmp_path_factory.mktemp('prepared')),
-      val_fraction=0.33, split_seed=321,
-      synthetic=dict(num_chips=0, chip_size=SYNTHETIC_SIZE, num_test=0,
-                     seed=0)))
-  return pipeline.prepare(config, tmp_path_factory.mktemp('workdir'))
+  from rf_jax.data import planet
+  return pipeline.prepare(
+      synthetic_kaggle_dir, tmp_path_factory.mktemp('prepared'), layout='auto',
+      val_fraction=planet.STUDY_VAL_FRACTION, split_seed=planet.STUDY_SEED)

@@ -1,13 +1,13 @@
 """The planet_amazon TFDS builder and pipeline.prepare: round trip, stored
 statistics, no rebuild, atomic builds, recorded source and split."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -17,18 +17,24 @@ from rf_jax.data import synthetic
 from rf_jax.data import tfds_planet
 
 
-def _config(raw_dir, prepared_dir, **overrides):
-  fields = dict(raw_dir=str(raw_dir), layout='auto',
-                prepared_dir=str(prepared_dir), val_fraction=0.33,
-                split_seed=321,
-                synthetic=dict(num_chips=0, chip_size=32, num_test=0, seed=0))
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+SPLIT = dict(val_fraction=planet.STUDY_VAL_FRACTION, split_seed=planet.STUDY_SEED)
 
 
-def _check_round_trip(data, raw_dir, layout, val_fraction=0.33):
+def _prepare(raw_dir, prepared_dir, **overrides):
+  args = dict(layout='auto', **SPLIT)
+  args.update(overrides)
+  return pipeline.prepare(raw_dir, prepared_dir, **args)
+
+
+def _make_config(raw_dir, **overrides):
+  args = dict(layout='auto', **SPLIT)
+  args.update(overrides)
+  return tfds_planet.make_config(raw_dir, **args)
+
+
+def _check_round_trip(data, raw_dir, layout):
   names, labels = planet.read_labels(raw_dir / 'train_v2.csv')
-  train_idx, val_idx = planet.split(names, val_fraction, 321)
+  train_idx, val_idx = planet.split(names)
   expected = {'train': train_idx, 'validation': val_idx}
   for split, idx in expected.items():
     source = getattr(data, split)
@@ -62,7 +68,7 @@ def test_round_trip_kaggle(prepared_synthetic, synthetic_kaggle_dir):
 def test_round_trip_course(tmp_path):
   raw = synthetic.write_dataset(tmp_path / 'raw', 20, 32, seed=3,
                                 layout='course')
-  data = pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+  data = _prepare(raw, tmp_path / 'prep')
   assert data.layout == 'course' and data.test is None
   _check_round_trip(data, raw, 'course')
 
@@ -96,8 +102,7 @@ def test_prepared_is_reused_not_rebuilt(prepared_synthetic,
     raise AssertionError('rebuilt a prepared dataset')
   monkeypatch.setattr(tfds_planet.PlanetAmazon, '_shard_iterators_per_split',
                       no_rebuild)
-  data = pipeline.prepare(_config(synthetic_kaggle_dir, prepared_dir),
-                          '/nonexistent-workdir')
+  data = _prepare(synthetic_kaggle_dir, prepared_dir)
   assert data.data_dir == prepared_synthetic.data_dir
   np.testing.assert_array_equal(data.mean, prepared_synthetic.mean)
 
@@ -109,10 +114,9 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path):
   bad = raw / 'train-tif-v2' / f'{names[val_idx[-1]]}.tif'  # built late
   good = bad.read_bytes()
   bad.write_bytes(good[:100])
-  config = _config(raw, tmp_path / 'prep')
   with pytest.raises(planet.PlanetDataError, match=str(bad)):
-    pipeline.prepare(config, tmp_path)
-  cfg = tfds_planet.make_config(raw)
+    _prepare(raw, tmp_path / 'prep')
+  cfg = _make_config(raw)
   builder = tfds_planet.load_builder(tmp_path / 'prep', cfg)
   assert not builder.is_prepared()
   version_dirs = list((tmp_path / 'prep').rglob('1.0.0'))
@@ -123,29 +127,29 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path):
   (stale / 'dataset_info.json').write_text('{}')
   assert not tfds_planet.load_builder(tmp_path / 'prep', cfg).is_prepared()
   bad.write_bytes(good)
-  data = pipeline.prepare(config, tmp_path)
+  data = _prepare(raw, tmp_path / 'prep')
   assert len(data.train) + len(data.validation) == 16
 
 
 def test_other_split_or_source_is_not_reused(tmp_path, synthetic_kaggle_dir):
-  base = tfds_planet.make_config(synthetic_kaggle_dir)
-  assert tfds_planet.make_config(synthetic_kaggle_dir).name == base.name
-  other_seed = tfds_planet.make_config(synthetic_kaggle_dir, split_seed=1)
-  other_frac = tfds_planet.make_config(synthetic_kaggle_dir, val_fraction=0.2)
+  base = _make_config(synthetic_kaggle_dir)
+  assert _make_config(synthetic_kaggle_dir).name == base.name
+  other_seed = _make_config(synthetic_kaggle_dir, split_seed=1)
+  other_frac = _make_config(synthetic_kaggle_dir, val_fraction=0.2)
   copy = shutil.copytree(synthetic_kaggle_dir, tmp_path / 'copy')
-  other_dir = tfds_planet.make_config(copy)
+  other_dir = _make_config(copy)
   names = {base.name, other_seed.name, other_frac.name, other_dir.name}
   assert len(names) == 4
   assert 'seed1' in other_seed.name and 'val0p2' in other_frac.name
   # Changed labels in place: another config too.
   csv = copy / 'train_v2.csv'
   csv.write_text(csv.read_text().replace('primary', 'primary road', 1))
-  assert tfds_planet.make_config(copy).name != other_dir.name
+  assert _make_config(copy).name != other_dir.name
 
 
 def test_recorded_metadata_checked(tmp_path):
   raw = synthetic.write_dataset(tmp_path / 'raw', 8, 16, seed=4)
-  data = pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+  data = _prepare(raw, tmp_path / 'prep')
   meta_path = tmp_path.joinpath(data.data_dir, 'metadata.json')
   meta = json.loads(meta_path.read_text())
   assert meta['source_dir'] == str(raw.resolve())
@@ -153,21 +157,25 @@ def test_recorded_metadata_checked(tmp_path):
   meta['split_seed'] = 999
   meta_path.write_text(json.dumps(meta))
   with pytest.raises(planet.PlanetDataError, match='another source or split'):
-    pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+    _prepare(raw, tmp_path / 'prep')
 
 
 def test_prepare_generates_synthetic_once(tmp_path):
-  config = _config('', '', synthetic=dict(num_chips=10, chip_size=16,
-                                          num_test=2, seed=7))
-  data = pipeline.prepare(config, tmp_path)
-  assert synthetic.read_spec(tmp_path / 'synthetic')['num_chips'] == 10
-  assert data.data_dir.startswith(str(tmp_path / 'prepared'))
+  spec = synthetic.Spec(num_chips=10, chip_size=16, num_test=2, seed=7)
+  raw, prepared = tmp_path / 'synthetic', tmp_path / 'prepared'
+  data = _prepare(raw, prepared, synthetic=spec)
+  assert synthetic.read_spec(raw)['num_chips'] == 10
+  assert data.data_dir.startswith(str(prepared))
   assert len(data.test) == 2
-  again = pipeline.prepare(config, tmp_path)
+  again = _prepare(raw, prepared, synthetic=spec)
   assert again.data_dir == data.data_dir
-  config.synthetic.seed = 8
+  other = dataclasses.replace(spec, seed=8)
   with pytest.raises(planet.PlanetDataError, match='synthetic.json'):
-    pipeline.prepare(config, tmp_path)
+    _prepare(raw, prepared, synthetic=other)
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('not chips')
+  with pytest.raises(planet.PlanetDataError, match='not a synthetic dataset'):
+    _prepare(tmp_path / 'mine', prepared, synthetic=spec)
 
 
 def test_prepare_wrong_size_chip_named(tmp_path):
@@ -175,7 +183,7 @@ def test_prepare_wrong_size_chip_named(tmp_path):
   odd = raw / 'train-tif-v2' / 'train_4.tif'
   synthetic.write_tif(odd, np.zeros((20, 20, 4), np.uint16))
   with pytest.raises(planet.PlanetDataError, match='expected 16x16') as info:
-    pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+    _prepare(raw, tmp_path / 'prep')
   assert str(odd) in str(info.value)
 
 
@@ -183,19 +191,19 @@ def test_prepare_missing_chip_named(tmp_path):
   raw = synthetic.write_dataset(tmp_path / 'raw', 6, 16, seed=5)
   (raw / 'train-tif-v2' / 'train_3.tif').unlink()
   with pytest.raises(FileNotFoundError, match='train_3.tif'):
-    pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+    _prepare(raw, tmp_path / 'prep')
 
 
 def test_prepare_without_raw_dir():
-  with pytest.raises(planet.PlanetDataError, match='raw_dir'):
-    pipeline.prepare(_config('', ''), '/nonexistent-workdir')
+  with pytest.raises(planet.PlanetDataError, match='config.data.raw_dir'):
+    _prepare('', '/nonexistent-prepared')
 
 
 def test_many_shards_keep_order(tmp_path, monkeypatch):
   # Real-size splits are written in many shards (TFDS holds a shard in memory).
   monkeypatch.setattr(tfds_planet.PlanetAmazon, 'SHARD_BYTES', 3 * 16 * 16 * 8)
   raw = synthetic.write_dataset(tmp_path / 'raw', 20, 16, seed=6, num_test=4)
-  data = pipeline.prepare(_config(raw, tmp_path / 'prep'), tmp_path)
+  data = _prepare(raw, tmp_path / 'prep')
   shards = list(Path(data.data_dir).glob('planet_amazon-train.array_record-*'))
   assert len(shards) == -(-len(data.train) // 3)
   # Stored uncompressed (reads ~4x faster than TFDS's default zstd).
@@ -213,8 +221,7 @@ def test_real_chips_through_builder_and_pipeline(real_planet_dir, tmp_path):
   for name in ('train_0', 'train_1'):
     (raw / 'train-tif-v2' / f'{name}.tif').symlink_to(
         real_planet_dir / f'{name}.tif')
-  data = pipeline.prepare(_config(raw, tmp_path / 'prep', val_fraction=0.5),
-                          tmp_path)
+  data = _prepare(raw, tmp_path / 'prep', val_fraction=0.5)
   assert data.layout == 'kaggle' and data.chip_size == 256
   _, labels = planet.read_labels(real_planet_dir / 'train_v2.csv')
   for split in ('train', 'validation'):
@@ -225,7 +232,8 @@ def test_real_chips_through_builder_and_pipeline(real_planet_dir, tmp_path):
         planet.read_chip(real_planet_dir / f'{record["name"]}.tif'))
     np.testing.assert_array_equal(record['labels'], labels[i])
   batch = next(pipeline.eval_batches(data, 'validation', batch_size=2,
-                                     eval_size=224, bands=(0, 1, 2, 3)))
+                                     image_size=224, bands=(0, 1, 2, 3),
+                                     normalisation='dataset'))
   assert batch['image'].shape == (2, 224, 224, 4)
   assert batch['mask'].tolist() == [1.0, 0.0]
 
@@ -235,7 +243,7 @@ def test_test_mapping_renames_test_chips(tmp_path, synthetic_kaggle_dir):
   shutil.copytree(synthetic_kaggle_dir, raw)
   (raw / tfds_planet.TEST_MAPPING_FILE).write_text(
       'old,new\ntest_0.tif,test_1.tif\ntest_1.tif,test_0.tif\n')
-  data = pipeline.prepare(_config(raw, tmp_path / 'prepared'), tmp_path)
+  data = _prepare(raw, tmp_path / 'prepared')
   names = list(data.names['test'])
   assert names[:2] == ['test_1', 'test_0'] and names[2:] == [f'test_{i}' for i in range(2, 7)]
   first = data.test[0]

@@ -1,6 +1,6 @@
 """Grain input pipelines over the prepared Planet dataset.
 
-`prepare` turns a data config into `PlanetData` (generating synthetic chips
+`prepare` turns a raw directory into `PlanetData` (generating synthetic chips
 and building the TFDS dataset on first use); `train_loader` and
 `eval_batches` turn it into fixed-shape float32 batches.
 
@@ -8,9 +8,10 @@ Worker processes (num_workers > 0): grain starts child processes that
 re-import the caller's main module and read absl flags. Callers must
   * guard their entry point with `if __name__ == '__main__':` and
   * run under `absl.app.run(main)` (or call `ensure_flags_parsed()` first,
-    which is what `train_loader`/`eval_batches` do for you when flags are
-    not parsed yet, e.g. under pytest).
-num_workers=0 runs everything in the calling process and works anywhere.
+    which is what `train_loader` does for you when flags are not parsed yet,
+    e.g. under pytest).
+num_workers=0 runs everything in the calling process and works anywhere;
+evaluation always does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ import grain.python as grain
 import numpy as np
 
 from rf_jax.data import planet
-from rf_jax.data import synthetic
+from rf_jax.data import synthetic as synthetic_lib
 from rf_jax.data import tfds_planet
 
 SPLITS = ('train', 'validation', 'test')
@@ -91,57 +92,36 @@ def ensure_flags_parsed() -> None:
 # --- preparation -------------------------------------------------------------
 
 
-def _ensure_synthetic(raw_dir: Path, syn, layout: str) -> None:
-  """Writes the synthetic dataset once; refuses a directory written with
-  other parameters (it would silently train on the wrong data)."""
-  layout = 'kaggle' if layout == 'auto' else layout
-  want = dict(num_chips=int(syn.num_chips), chip_size=int(syn.chip_size),
-              seed=int(syn.seed), layout=layout,
-              num_test=int(syn.get('num_test', 0)), label_csv=None)
-  have = synthetic.read_spec(raw_dir)
-  if have is None:
-    if raw_dir.exists() and any(raw_dir.iterdir()):
-      raise planet.PlanetDataError(
-          f'{raw_dir}: not empty and not a synthetic dataset; set '
-          'data.raw_dir to an empty or missing directory')
-    synthetic.write_dataset(raw_dir, want['num_chips'], want['chip_size'],
-                            seed=want['seed'], layout=layout,
-                            num_test=want['num_test'])
-  elif have != want:
-    raise planet.PlanetDataError(
-        f'{raw_dir / synthetic.SPEC_FILE}: synthetic data written with '
-        f'{have}, config asks for {want}; delete {raw_dir} or use another '
-        'workdir')
-
-
-def prepare(data_config, workdir) -> PlanetData:
+def prepare(raw_dir, prepared_dir, *, layout: str, val_fraction: float,
+            split_seed: int,
+            synthetic: synthetic_lib.Spec | None = None) -> PlanetData:
   """Generates (synthetic), builds (once) and opens the Planet dataset.
 
-  See configs/default.py for `data_config`'s fields. An already prepared
-  dataset is reused, never rebuilt; one prepared from another source or
-  split lives under another TFDS config name (see tfds_planet).
+  Args:
+    raw_dir: the Kaggle- or course-layout directory; with `synthetic`, where
+      the synthetic chips are generated (once).
+    prepared_dir: the TFDS data_dir of the prepared dataset.
+    layout: 'auto', 'kaggle' or 'course' (synthetic 'auto' is Kaggle).
+    val_fraction, split_seed: the split (`planet.split`).
+    synthetic: what to generate into raw_dir; None reads raw_dir as it is.
+
+  An already prepared dataset is reused, never rebuilt; one prepared from
+  another source or split lives under another TFDS config name.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  workdir = Path(workdir)
-  syn = data_config.get('synthetic', None)
-  use_synthetic = syn is not None and int(syn.get('num_chips', 0)) > 0
-  layout = data_config.get('layout', 'auto')
-  raw_dir = data_config.get('raw_dir', '')
-  prepared_dir = data_config.get('prepared_dir', '')
-  if use_synthetic:
-    raw_dir = Path(raw_dir or workdir / 'synthetic').expanduser()
-    prepared_dir = Path(prepared_dir or workdir / 'prepared').expanduser()
-    _ensure_synthetic(raw_dir, syn, layout)
-  else:
-    if not raw_dir:
-      raise planet.PlanetDataError(
-          'data.raw_dir is empty and data.synthetic.num_chips is 0: point '
-          'raw_dir at a Kaggle-layout directory (train_v2.csv, train-tif-v2/)')
-    raw_dir = Path(raw_dir).expanduser()
-    prepared_dir = Path(prepared_dir or '~/tensorflow_datasets').expanduser()
-  config = tfds_planet.make_config(
-      raw_dir, layout, data_config.get('val_fraction', 0.33),
-      data_config.get('split_seed', 321))
+  if not os.fspath(raw_dir):
+    raise planet.PlanetDataError(
+        'config.data.raw_dir is empty and config.data.synthetic.num_chips is '
+        '0: point raw_dir at a Kaggle-layout directory (train_v2.csv, '
+        'train-tif-v2/)')
+  raw_dir = Path(raw_dir).expanduser()
+  prepared_dir = Path(prepared_dir).expanduser()
+  if synthetic is not None:
+    synthetic_lib.ensure(raw_dir, synthetic,
+                         'kaggle' if layout == 'auto' else layout)
+  config = tfds_planet.make_config(raw_dir, layout=layout,
+                                   val_fraction=val_fraction,
+                                   split_seed=split_seed)
   builder = tfds_planet.load_builder(prepared_dir, config)
   if not builder.is_prepared():
     # A killed build leaves TFDS's incomplete.* directory (never read as
@@ -182,40 +162,87 @@ def steps_per_epoch(data: PlanetData, batch_size: int) -> int:
 # --- per-record transforms ---------------------------------------------------
 
 
-def _normaliser(data: PlanetData, bands: Sequence[int]):
-  """(band index, mean, 1/std) for `bands`; the index is a slice when the
-  bands are consecutive (a view, where a list would copy the chip)."""
-  bands = list(bands)
-  if not bands or any(b not in range(4) for b in bands):
-    raise ValueError(f'bands must be indices into R,G,B,NIR, got {bands}')
-  mean = data.mean[bands].astype(np.float32)
-  inv_std = (1.0 / data.std[bands]).astype(np.float32)
-  consecutive = bands == list(range(bands[0], bands[-1] + 1))
-  index = slice(bands[0], bands[-1] + 1) if consecutive else tuple(bands)
-  return index, mean, inv_std
-
-
 @dataclasses.dataclass(frozen=True)
-class CropFlipNormalise(grain.RandomMapTransform):
-  """Random crop + horizontal flip (the study's train augmentation), band
-  selection and normalisation. Crops on the raw dtype first so the float
-  work is on the crop only. grain seeds `rng` per record from the loader
-  seed and the record's position, so output does not depend on workers."""
-  crop_size: int
+class Normaliser:
+  """Band selection and normalisation of a chip in raw units.
+
+  `bands` is a slice when the bands are consecutive (a view, where a list
+  would copy the chip); mean and 1/std are in the chip's raw units.
+  """
   bands: slice | tuple
   mean: np.ndarray
   inv_std: np.ndarray
 
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    """float32 image of the selected bands, normalised in place."""
+    image -= self.mean
+    image *= self.inv_std
+    return image
+
+
+def normaliser(data: PlanetData, bands: Sequence[int],
+               normalisation: str) -> Normaliser:
+  """The Normaliser of `bands` (indices into R,G,B,NIR) for a
+  `normalisation` of NORMALISATIONS: 'dataset' uses the training split's band
+  statistics, 'course' the course's constants on 8-bit chips / 255."""
+  bands = list(bands)
+  if not bands or any(b not in range(4) for b in bands):
+    raise ValueError(f'bands must be indices into R,G,B,NIR, got {bands}')
+  if normalisation == 'dataset':
+    mean, std = data.mean, data.std
+  elif normalisation == 'course':
+    if data.layout != 'course':
+      raise planet.PlanetDataError(
+          f"config.data.normalisation='course' needs the course layout's 8-bit "
+          f'chips, and {data.data_dir} holds {data.layout}-layout chips: set '
+          "config.data.normalisation='dataset' (the training split's band "
+          'statistics)')
+    # (x / 255 - mean) / std, applied to x in raw units.
+    mean = np.multiply(planet.COURSE_MEAN, planet.COURSE_PIXEL_MAX)
+    std = np.multiply(planet.COURSE_STD, planet.COURSE_PIXEL_MAX)
+  else:
+    raise ValueError(f'normalisation must be one of {NORMALISATIONS}, got '
+                     f'{normalisation!r}')
+  mean = np.asarray(mean, np.float64)[bands].astype(np.float32)
+  inv_std = (1.0 / np.asarray(std, np.float64)[bands]).astype(np.float32)
+  consecutive = bands == list(range(bands[0], bands[-1] + 1))
+  index = slice(bands[0], bands[-1] + 1) if consecutive else tuple(bands)
+  return Normaliser(index, mean, inv_std)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropFlipNormalise(grain.RandomMapTransform):
+  """Train 'crop_flip': a random image_size crop + horizontal flip, then
+  normalise. Crops on the raw dtype first so the float work is on the crop
+  only. grain seeds `rng` per record from the loader seed and the record's
+  position, so output does not depend on workers."""
+  image_size: int
+  normalise: Normaliser
+
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-    image, c = record['image'], self.crop_size
+    image, c = record['image'], self.image_size
     y, x = rng.integers(0, image.shape[0] - c + 1, size=2)
-    patch = image[y:y + c, x:x + c, self.bands]
+    patch = image[y:y + c, x:x + c, self.normalise.bands]
     if rng.random() < 0.5:
       patch = patch[:, ::-1]
-    out = patch.astype(np.float32)  # The one copy; then normalise in place.
-    out -= self.mean
-    out *= self.inv_std
+    # The one copy; then normalise in place.
+    out = self.normalise(patch.astype(np.float32))
     return {'image': out, 'labels': record['labels']}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeFlipNormalise(grain.RandomMapTransform):
+  """Train 'resize_flip' (the study's code): the whole chip resized to
+  image_size exactly as evaluation resizes it, a horizontal flip with
+  probability 0.5, then normalise. Seeded per record like CropFlipNormalise."""
+  image_size: int
+  normalise: Normaliser
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image = resize(record['image'][..., self.normalise.bands], self.image_size)
+    if rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {'image': self.normalise(image), 'labels': record['labels']}
 
 
 @functools.lru_cache(maxsize=16)
@@ -275,16 +302,12 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class ResizeNormalise(grain.MapTransform):
   """Eval: resize the whole chip, select bands, normalise."""
-  eval_size: int
-  bands: slice | tuple
-  mean: np.ndarray
-  inv_std: np.ndarray
+  image_size: int
+  normalise: Normaliser
 
   def map(self, record: dict) -> dict:
-    image = resize(record['image'][..., self.bands], self.eval_size)
-    image -= self.mean
-    image *= self.inv_std
-    return {'image': image, 'labels': record['labels']}
+    image = resize(record['image'][..., self.normalise.bands], self.image_size)
+    return {'image': self.normalise(image), 'labels': record['labels']}
 
 
 # --- loaders -----------------------------------------------------------------
@@ -298,24 +321,42 @@ def _read_options(batch_size: int) -> grain.ReadOptions:
                            prefetch_buffer_size=max(2 * batch_size, 16))
 
 
-def train_loader(data: PlanetData, *, batch_size: int, crop_size: int,
-                 bands: Sequence[int], seed: int, num_workers: int = 0,
+def _train_transform(data: PlanetData, transform: str, image_size: int,
+                     normalise: Normaliser) -> grain.RandomMapTransform:
+  if transform == 'resize_flip':
+    if image_size < 1:
+      raise ValueError(f'image_size {image_size} must be >= 1')
+    return ResizeFlipNormalise(image_size, normalise)
+  if transform == 'crop_flip':
+    if not 0 < image_size <= data.chip_size:
+      raise ValueError(f'image_size {image_size} must be in 1..'
+                       f'{data.chip_size} (the chip size) to crop')
+    return CropFlipNormalise(image_size, normalise)
+  raise ValueError(f'transform must be one of {TRAIN_TRANSFORMS}, got '
+                   f'{transform!r}')
+
+
+def train_loader(data: PlanetData, *, batch_size: int, image_size: int,
+                 bands: Sequence[int], seed: int, transform: str,
+                 normalisation: str, num_workers: int = 0,
                  shard_index: int = 0, shard_count: int = 1,
                  worker_buffer_size: int = 2) -> grain.DataLoader:
   """Infinite train batches: a fresh seeded shuffle each epoch, epochs
   concatenated, the last partial batch of the stream never emitted.
 
+  `transform` (TRAIN_TRANSFORMS) makes the image_size input: 'resize_flip'
+  resizes the whole chip, 'crop_flip' crops it; both flip at random.
+  `normalisation` is one of NORMALISATIONS (see `normaliser`).
   `iter(loader)` gives a grain iterator with get_state() -> bytes and
   set_state(bytes): restoring continues with the exact next batch.
   Determinism: a record's crop/flip depends only on (seed, its position in
   the stream); which records share a batch also depends on num_workers
   (grain gives worker i the records i, i+n, ... to batch), so keep
   num_workers fixed across a run and its restores.
-  Batches: {'image': float32[B, crop, crop, len(bands)], 'labels': f32[B,17]}.
+  Batches: {'image': float32[B, size, size, len(bands)], 'labels': f32[B,17]}.
   """
-  if not 0 < crop_size <= data.chip_size:
-    raise ValueError(f'crop_size {crop_size} must be in 1..{data.chip_size}')
-  bands, mean, inv_std = _normaliser(data, bands)
+  operation = _train_transform(data, transform, image_size,
+                               normaliser(data, bands, normalisation))
   if num_workers:
     ensure_flags_parsed()
   sampler = grain.IndexSampler(
@@ -325,35 +366,31 @@ def train_loader(data: PlanetData, *, batch_size: int, crop_size: int,
       shuffle=True, num_epochs=None, seed=seed)
   return grain.DataLoader(
       data_source=data.train, sampler=sampler,
-      operations=[CropFlipNormalise(crop_size, bands, mean, inv_std),
-                  grain.Batch(batch_size, drop_remainder=True)],
+      operations=[operation, grain.Batch(batch_size, drop_remainder=True)],
       worker_count=num_workers, worker_buffer_size=worker_buffer_size,
       read_options=_read_options(batch_size))
 
 
 def eval_batches(data: PlanetData, split: str, *, batch_size: int,
-                 eval_size: int, bands: Sequence[int],
-                 num_workers: int = 0) -> Iterator[dict]:
-  """One pass over `split` in source order, fixed batch shape.
+                 image_size: int, bands: Sequence[int],
+                 normalisation: str) -> Iterator[dict]:
+  """One pass over `split` in source order, fixed batch shape: each chip
+  resized whole to image_size, normalised as `normalisation`.
 
-  Batches: {'image': float32[B, eval, eval, C], 'labels': float32[B, 17],
+  Batches: {'image': float32[B, size, size, C], 'labels': float32[B, 17],
   'mask': float32[B]}; the last batch is zero-padded with mask 0.
   """
   source = getattr(data, split, None) if split in SPLITS else None
   if source is None:
     raise ValueError(f'no {split!r} split in this dataset')
-  bands, mean, inv_std = _normaliser(data, bands)
-  if num_workers:
-    ensure_flags_parsed()
-  # No grain.Batch here: with workers, each worker would batch its own
-  # interleaved slice (records 0, 2, 4, ...). Records come back in sampler
-  # order, so batching them here keeps the source order for any num_workers.
+  operation = ResizeNormalise(image_size,
+                              normaliser(data, bands, normalisation))
+  # No grain.Batch: the last batch is padded to the fixed shape instead.
   loader = grain.DataLoader(
       data_source=source,
       sampler=grain.IndexSampler(len(source), grain.NoSharding(),
                                  shuffle=False, num_epochs=1, seed=0),
-      operations=[ResizeNormalise(eval_size, bands, mean, inv_std)],
-      worker_count=num_workers, read_options=_read_options(batch_size))
+      operations=[operation], read_options=_read_options(batch_size))
   records = iter(loader)
   while chunk := list(itertools.islice(records, batch_size)):
     n = len(chunk)
@@ -364,8 +401,3 @@ def eval_batches(data: PlanetData, split: str, *, batch_size: int,
       images[i], labels[i] = record['image'], record['labels']
     mask[:n] = 1.0
     yield {'image': images, 'labels': labels, 'mask': mask}
-
-
-def state_to_json(state: bytes) -> dict:
-  """A grain iterator state as a JSON-able dict (for checkpoint metadata)."""
-  return json.loads(state.decode())

@@ -25,13 +25,16 @@ TAGS: tuple[str, ...] = (
 )
 NUM_TAGS = len(TAGS)
 TAG_INDEX = {t: i for i, t in enumerate(TAGS)}
-WEATHER_TAGS = TAGS[:4]
 
 LABELS_HEADER = ('image_name', 'tags')
 # Kaggle stores B,G,R,NIR; we keep R,G,B,NIR in memory.
 KAGGLE_TO_RGBN = (2, 1, 0, 3)
 LAYOUT_DTYPES = {'kaggle': np.dtype(np.uint16), 'course': np.dtype(np.uint8)}
 LAYOUTS = ('auto', 'kaggle', 'course')
+# The course's normalisation of its 8-bit R,G,B,IR chips: (x / 255 - mean) / std.
+COURSE_PIXEL_MAX = 255.0
+COURSE_MEAN = (0.7476, 0.6534, 0.4757, 0.0960)
+COURSE_STD = (0.1677, 0.1828, 0.2137, 0.0284)
 
 
 class PlanetDataError(ValueError):

@@ -13,6 +13,7 @@ tiles so that thousands of 256 px chips take seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -64,6 +65,16 @@ NUM_NOISE_TILES = 16
 CHUNK = 64          # chips generated at once
 COURSE_SCALE = 64.0  # uint16 -> uint8 for the course layout
 SPEC_FILE = 'synthetic.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What to generate: `num_chips` training and `num_test` test chips of
+  chip_size x chip_size px, everything following from `seed`."""
+  num_chips: int
+  chip_size: int
+  num_test: int
+  seed: int
 
 
 def sample_labels(num: int, rng: np.random.Generator,
@@ -205,3 +216,24 @@ def read_spec(out_dir) -> dict | None:
   """The parameters a synthetic dataset was written with (None if absent)."""
   path = Path(out_dir) / SPEC_FILE
   return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ensure(out_dir, spec: Spec, layout: str) -> None:
+  """Writes the dataset of `spec` into out_dir once; refuses a directory
+  written with other parameters (it would silently train on other data)."""
+  out_dir = Path(out_dir)
+  want = dict(num_chips=int(spec.num_chips), chip_size=int(spec.chip_size),
+              seed=int(spec.seed), layout=layout, num_test=int(spec.num_test),
+              label_csv=None)
+  have = read_spec(out_dir)
+  if have is None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+      raise planet.PlanetDataError(
+          f'{out_dir}: not empty and not a synthetic dataset; generate into '
+          'an empty or missing directory')
+    write_dataset(out_dir, want['num_chips'], want['chip_size'],
+                  seed=want['seed'], layout=layout, num_test=want['num_test'])
+  elif have != want:
+    raise planet.PlanetDataError(
+        f'{out_dir / SPEC_FILE}: synthetic data written with {have}, asked '
+        f'for {want}; delete {out_dir} or use another workdir')

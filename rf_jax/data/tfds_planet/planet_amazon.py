@@ -42,17 +42,17 @@ TEST_DIR = 'test-tif-v2'
 TEST_MAPPING_FILE = 'test_v2_file_mapping.csv'
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, kw_only=True)
 class PlanetConfig(tfds.core.BuilderConfig):
-  """Where the chips come from and how they are split."""
-  layout: str = 'kaggle'
-  chip_size: int = 256
-  val_fraction: float = 0.33
-  split_seed: int = 321
-  source_dir: str = ''
-  labels_sha256: str = ''
-  num_test_chips: int = 0
-  test_mapping_sha256: str = ''  # '' when there is no test_v2_file_mapping.csv
+  """Where the chips come from and how they are split (see make_config)."""
+  layout: str
+  chip_size: int
+  val_fraction: float
+  split_seed: int
+  source_dir: str
+  labels_sha256: str
+  num_test_chips: int
+  test_mapping_sha256: str  # '' when there is no test_v2_file_mapping.csv
 
 
 def _sha256(path: Path) -> str:
@@ -71,7 +71,7 @@ def list_test_chips(raw_dir) -> list[Path]:
       if test_dir.is_dir() else []
 
 
-def source_layout(raw_dir, layout: str = 'auto') -> tuple[str, int]:
+def source_layout(raw_dir, layout: str) -> tuple[str, int]:
   """(layout, chip size) of a raw directory, from its first listed chip."""
   raw_dir = Path(raw_dir)
   names, _ = planet.read_labels(raw_dir / LABELS_FILE)
@@ -82,8 +82,8 @@ def source_layout(raw_dir, layout: str = 'auto') -> tuple[str, int]:
   return layout, chip.shape[0]
 
 
-def make_config(raw_dir, layout: str = 'auto', val_fraction: float = 0.33,
-                split_seed: int = 321) -> PlanetConfig:
+def make_config(raw_dir, *, layout: str, val_fraction: float,
+                split_seed: int) -> PlanetConfig:
   """The config for a raw directory and split; its name fingerprints both."""
   raw_dir = Path(raw_dir).expanduser().resolve()
   labels = raw_dir / LABELS_FILE
