@@ -50,14 +50,15 @@ def test_real_chip_equals_tifffile(real_planet_dir, name):
 def test_real_split_golden(real_planet_dir):
   names, _ = planet.read_labels(real_planet_dir / 'train_v2.csv')
   train, val = planet.split(names)
-  assert len(train) == 27121 and len(val) == 13358
-  # Golden values: the split must not change across runs, machines, versions.
-  assert val[:8].tolist() == [2, 4, 5, 7, 10, 15, 22, 24]
+  assert len(train) == 27120 and len(val) == 13359
+  # Golden values (scikit-learn's split of the study): the split must not
+  # change across runs, machines, versions.
+  assert val[:8].tolist() == [0, 1, 2, 9, 11, 16, 18, 19]
   assert hashlib.sha256(val.astype('<i8').tobytes()).hexdigest()[:16] == \
       GOLDEN_VAL_SHA
 
 
-GOLDEN_VAL_SHA = 'a3d25982fe5cc451'
+GOLDEN_VAL_SHA = '2f47aab0555a073a'
 
 
 # --- split -------------------------------------------------------------------
@@ -74,6 +75,42 @@ def test_split_deterministic_and_disjoint():
   assert sorted(np.concatenate([train, val]).tolist()) == list(range(1000))
   _, v3 = planet.split(names, 0.33, 322)
   assert not np.array_equal(val, v3)
+
+
+def _sklearn_split(n, val_fraction, seed):
+  model_selection = pytest.importorskip('sklearn.model_selection')
+  train, val = model_selection.train_test_split(
+      list(range(n)), test_size=val_fraction, random_state=seed)
+  return sorted(train), sorted(val)
+
+
+@pytest.mark.parametrize('val_fraction', [0.33, 0.2, 0.5, 0.07])
+@pytest.mark.parametrize('seed', [321, 0, 7, 2**31 - 1])
+def test_split_equals_sklearn(val_fraction, seed):
+  # n from tiny to odd sizes; 0.07 * 100 rounds up to 7.000000000000001 in
+  # floating point, and sklearn takes 8 rows there: so must we.
+  for n in (2, 3, 10, 97, 100, 200, 1001, 4096):
+    train, val = planet.split([f'n{i}' for i in range(n)], val_fraction, seed)
+    want_train, want_val = _sklearn_split(n, val_fraction, seed)
+    assert val.tolist() == want_val, (n, val_fraction, seed)
+    assert train.tolist() == want_train, (n, val_fraction, seed)
+    assert train.dtype == val.dtype == np.int64
+
+
+def test_study_split_size_equals_sklearn():
+  n = 40479  # rows of train_v2.csv
+  train, val = planet.split(range(n))
+  assert len(val) == 13359 and len(train) == 27120
+  want_train, want_val = _sklearn_split(n, 0.33, 321)
+  assert val.tolist() == want_val and train.tolist() == want_train
+
+
+def test_split_bad_fraction():
+  for bad in (-0.1, 1.0, 1.5):
+    with pytest.raises(ValueError, match='val_fraction'):
+      planet.split(['a', 'b'], bad)
+  train, val = planet.split(['a', 'b', 'c'], 0.0)
+  assert train.tolist() == [0, 1, 2] and val.tolist() == []
 
 
 # --- read_labels: bad and quirky input ---------------------------------------

@@ -147,6 +147,20 @@ def test_other_split_or_source_is_not_reused(tmp_path, synthetic_kaggle_dir):
   assert _make_config(copy).name != other_dir.name
 
 
+def test_other_split_rule_is_not_reused(prepared_synthetic,
+                                       synthetic_kaggle_dir, monkeypatch):
+  """A dataset prepared with an older split rule (other chips in validation)
+  is never opened for the current rule: it has another config name."""
+  current = _make_config(synthetic_kaggle_dir)
+  assert current.split_rule == planet.SPLIT_RULE_VERSION
+  assert f'/{current.name}/' in prepared_synthetic.data_dir
+  prepared_dir = Path(prepared_synthetic.data_dir).parents[2]
+  monkeypatch.setattr(planet, 'SPLIT_RULE_VERSION', planet.SPLIT_RULE_VERSION - 1)
+  older = _make_config(synthetic_kaggle_dir)
+  assert older.name != current.name
+  assert not tfds_planet.load_builder(prepared_dir, older).is_prepared()
+
+
 def test_recorded_metadata_checked(tmp_path):
   raw = synthetic.write_dataset(tmp_path / 'raw', 8, 16, seed=4)
   data = _prepare(raw, tmp_path / 'prep')
@@ -154,6 +168,7 @@ def test_recorded_metadata_checked(tmp_path):
   meta = json.loads(meta_path.read_text())
   assert meta['source_dir'] == str(raw.resolve())
   assert meta['val_fraction'] == 0.33 and meta['split_seed'] == 321
+  assert meta['split_rule'] == planet.SPLIT_RULE_VERSION
   meta['split_seed'] = 999
   meta_path.write_text(json.dumps(meta))
   with pytest.raises(planet.PlanetDataError, match='another source or split'):

@@ -7,10 +7,11 @@ order and with no TensorFlow needed, with splits `train`,
 `test-tif-v2/` holds chips; labels are all zero there, Kaggle keeps them).
 Images are stored as raw bytes in R,G,B,NIR order and the file's dtype.
 
-The builder config records where the data came from and how it was split;
-its name carries a digest of those, so a prepared dataset of another source
-or split is never silently reused: it lives under another config name, and
-`load_builder` re-checks the recorded metadata. TFDS writes into an
+The builder config records where the data came from and how it was split
+(fraction, seed and the version of the split rule); its name carries a digest
+of those, so a prepared dataset of another source or split is never silently
+reused: it lives under another config name, and `load_builder` re-checks the
+recorded metadata. TFDS writes into an
 `incomplete.*` directory and renames it at the end, so an interrupted build
 leaves nothing that reads as prepared. The per-band mean/std of the training
 split (raw units, exact integer sums) are stored in the dataset's
@@ -49,6 +50,7 @@ class PlanetConfig(tfds.core.BuilderConfig):
   chip_size: int
   val_fraction: float
   split_seed: int
+  split_rule: int  # planet.SPLIT_RULE_VERSION
   source_dir: str
   labels_sha256: str
   num_test_chips: int
@@ -94,7 +96,8 @@ def make_config(raw_dir, *, layout: str, val_fraction: float,
   layout, chip_size = source_layout(raw_dir, layout)
   fields = dict(layout=layout, chip_size=chip_size,
                 val_fraction=float(val_fraction), split_seed=int(split_seed),
-                source_dir=str(raw_dir), labels_sha256=_sha256(labels),
+                split_rule=planet.SPLIT_RULE_VERSION, source_dir=str(raw_dir),
+                labels_sha256=_sha256(labels),
                 num_test_chips=len(list_test_chips(raw_dir)),
                 test_mapping_sha256=(_sha256(raw_dir / TEST_MAPPING_FILE)
                                      if (raw_dir / TEST_MAPPING_FILE).is_file() else ''))
@@ -108,8 +111,9 @@ def make_config(raw_dir, *, layout: str, val_fraction: float,
 
 def config_record(config: PlanetConfig) -> dict:
   """The config fields stored in the dataset metadata (checked on load)."""
-  keys = ('layout', 'chip_size', 'val_fraction', 'split_seed', 'source_dir',
-          'labels_sha256', 'num_test_chips', 'test_mapping_sha256')
+  keys = ('layout', 'chip_size', 'val_fraction', 'split_seed', 'split_rule',
+          'source_dir', 'labels_sha256', 'num_test_chips',
+          'test_mapping_sha256')
   return dict(format_version=FORMAT_VERSION, config_name=config.name,
               **{k: getattr(config, k) for k in keys})
 
