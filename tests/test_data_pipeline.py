@@ -101,10 +101,44 @@ def test_train_crops_are_windows_of_the_chip(tiny):
   assert len(offsets) > 3
 
 
-def test_train_deterministic_and_seeded(prepared_synthetic):
-  a = _take(_loader(prepared_synthetic, image_size=96, seed=1), 6)
-  b = _take(_loader(prepared_synthetic, image_size=96, seed=1), 6)
-  c = _take(_loader(prepared_synthetic, image_size=96, seed=2), 6)
+def _eval_images(data, split, image_size, bands=ALL, normalisation='dataset'):
+  batches = pipeline.eval_batches(data, split, batch_size=8,
+                                  image_size=image_size, bands=bands,
+                                  normalisation=normalisation)
+  images = np.concatenate([b['image'] for b in batches])
+  return images[:len(getattr(data, split))]
+
+
+def test_train_resize_flip_is_the_eval_resize_maybe_flipped(prepared_synthetic):
+  """'resize_flip' (the study's train transform): every image is exactly the
+  evaluation input of one training chip, mirrored or not, with its labels."""
+  data = prepared_synthetic
+  resized = _eval_images(data, 'train', 112, bands=(3, 0, 1))
+  labels = [data.train[i]['labels'] for i in range(len(data.train))]
+  by_key = {}
+  for i, image in enumerate(resized):
+    by_key[image.tobytes()] = (i, False)
+    by_key[np.ascontiguousarray(image[:, ::-1]).tobytes()] = (i, True)
+  batches = _take(_loader(data, batch_size=8, image_size=112, bands=(3, 0, 1),
+                          transform='resize_flip'), 5)
+  flips = []
+  for batch in batches:
+    assert batch['image'].shape == (8, 112, 112, 3)
+    for image, label in zip(batch['image'], batch['labels']):
+      i, flipped = by_key[np.ascontiguousarray(image).tobytes()]
+      np.testing.assert_array_equal(label, labels[i])
+      flips.append(flipped)
+  assert any(flips) and not all(flips)
+
+
+@pytest.mark.parametrize('transform', pipeline.TRAIN_TRANSFORMS)
+def test_train_deterministic_and_seeded(prepared_synthetic, transform):
+  a = _take(_loader(prepared_synthetic, image_size=96, seed=1,
+                    transform=transform), 6)
+  b = _take(_loader(prepared_synthetic, image_size=96, seed=1,
+                    transform=transform), 6)
+  c = _take(_loader(prepared_synthetic, image_size=96, seed=2,
+                    transform=transform), 6)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x['image'], y['image'])
     np.testing.assert_array_equal(x['labels'], y['labels'])
@@ -192,15 +226,59 @@ def test_bad_arguments(prepared_synthetic):
     _loader(prepared_synthetic, bands=(0, 4))
   with pytest.raises(ValueError, match='image_size'):
     _loader(prepared_synthetic, image_size=129)
+  with pytest.raises(ValueError, match='transform'):
+    _loader(prepared_synthetic, transform='zoom')
+  with pytest.raises(ValueError, match='normalisation'):
+    _loader(prepared_synthetic, normalisation='imagenet')
   with pytest.raises(ValueError, match='split'):
     next(pipeline.eval_batches(prepared_synthetic, 'nope', batch_size=2,
                                image_size=8, bands=ALL,
                                normalisation='dataset'))
 
 
+# The course's constants (R, G, B, NIR), written out independently of planet.py.
+COURSE_MEAN = np.array([0.7476, 0.6534, 0.4757, 0.0960])
+COURSE_STD = np.array([0.1677, 0.1828, 0.2137, 0.0284])
+
+
+@pytest.mark.parametrize('bands', [ALL, (3, 0)])
+def test_course_normalisation(tiny, bands):
+  """'course': 8-bit chips / 255, minus the course's mean, over its std."""
+  bands = list(bands)
+  want = [(r['image'][..., bands] / 255.0 - COURSE_MEAN[bands])
+          / COURSE_STD[bands] for r in _written(tiny, 'validation')]
+  got = _eval_images(tiny, 'validation', tiny.chip_size, bands, 'course')
+  np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
+  assert got.dtype == np.float32
+  # Training normalises the same way (full-size resize: the chip itself).
+  written = _written(tiny, 'train')
+  want = [(r['image'][..., bands] / 255.0 - COURSE_MEAN[bands])
+          / COURSE_STD[bands] for r in written]
+  batch = _take(_loader(tiny, bands=bands, transform='resize_flip',
+                        normalisation='course', batch_size=len(written)), 1)[0]
+  for image in batch['image']:
+    assert any(np.allclose(image, w[:, ::-1] if flip else w, rtol=1e-5,
+                           atol=1e-5) for w in want for flip in (False, True))
+
+
+def test_course_normalisation_of_kaggle_chips_is_refused(prepared_synthetic):
+  data = prepared_synthetic
+  assert data.layout == 'kaggle'
+  fix = r"config.data.normalisation='course'.*set config.data.normalisation='dataset'"
+  with pytest.raises(planet.PlanetDataError, match=fix):
+    _loader(data, normalisation='course')
+  with pytest.raises(planet.PlanetDataError, match=fix):
+    next(pipeline.eval_batches(data, 'validation', batch_size=2, image_size=96,
+                               bands=ALL, normalisation='course'))
+
+
 def test_steps_per_epoch(prepared_synthetic):
   assert pipeline.steps_per_epoch(prepared_synthetic, 8) == \
       len(prepared_synthetic.train) // 8
+
+
+def _records(batches):
+  return sorted(im.tobytes() for b in batches for im in b['image'])
 
 
 def test_workers_deterministic_same_records_and_restore(prepared_synthetic):
@@ -220,8 +298,15 @@ def test_workers_deterministic_same_records_and_restore(prepared_synthetic):
   for x, y in zip(first, again):
     np.testing.assert_array_equal(x['image'], y['image'])
   serial = _take(_loader(data, num_workers=0, **kwargs), 10)
-  key = lambda bs: sorted(im.tobytes() for b in bs for im in b['image'])
-  assert key(first) == key(serial)
+  assert _records(first) == _records(serial)
+
+
+def test_workers_resize_flip_same_records(prepared_synthetic):
+  """The study's transform flips each record as without workers too."""
+  kwargs = dict(image_size=96, seed=5, batch_size=4, transform='resize_flip')
+  parallel = _take(_loader(prepared_synthetic, num_workers=2, **kwargs), 10)
+  serial = _take(_loader(prepared_synthetic, num_workers=0, **kwargs), 10)
+  assert _records(parallel) == _records(serial)
 
 
 def test_state_from_other_dataset_is_refused(prepared_synthetic, tiny):

@@ -203,8 +203,8 @@ def normaliser(data: PlanetData, bands: Sequence[int],
   else:
     raise ValueError(f'normalisation must be one of {NORMALISATIONS}, got '
                      f'{normalisation!r}')
-  mean = np.asarray(mean, np.float64)[bands].astype(np.float32)
-  inv_std = (1.0 / np.asarray(std, np.float64)[bands]).astype(np.float32)
+  mean = np.asarray(mean, np.float32)[bands]
+  inv_std = 1.0 / np.asarray(std, np.float32)[bands]
   consecutive = bands == list(range(bands[0], bands[-1] + 1))
   index = slice(bands[0], bands[-1] + 1) if consecutive else tuple(bands)
   return Normaliser(index, mean, inv_std)
