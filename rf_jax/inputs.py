@@ -9,6 +9,7 @@ import ml_collections
 
 from rf_jax import workdir as workdir_lib
 from rf_jax.data import pipeline
+from rf_jax.data import prepared
 from rf_jax.data import synthetic
 from rf_jax.models import registry
 
@@ -16,7 +17,7 @@ from rf_jax.models import registry
 DEFAULT_PREPARED_DIR = '~/tensorflow_datasets'
 
 
-def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> pipeline.PlanetData:
+def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepared.PlanetData:
   """The prepared dataset of `config.data` (generated and prepared on first use)."""
   data = config.data
   spec = None
@@ -26,12 +27,12 @@ def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> pipel
     spec = synthetic.Spec(num_chips=s.num_chips, chip_size=s.chip_size, num_test=s.num_test,
                           seed=s.seed)
     raw_dir, prepared_dir = data.raw_dir or wd.synthetic, data.prepared_dir or wd.prepared
-  return pipeline.prepare(raw_dir, prepared_dir, layout=data.layout,
+  return prepared.prepare(raw_dir, prepared_dir, layout=data.layout,
                           val_fraction=data.val_fraction, split_seed=data.split_seed,
                           synthetic=spec)
 
 
-def train_loader(config: ml_collections.ConfigDict, data: pipeline.PlanetData):
+def train_loader(config: ml_collections.ConfigDict, data: prepared.PlanetData):
   """This process's part of every global training batch, for `iter()`."""
   return pipeline.train_loader(
       data, batch_size=config.batch_size // jax.process_count(),
@@ -41,7 +42,7 @@ def train_loader(config: ml_collections.ConfigDict, data: pipeline.PlanetData):
       shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
-def eval_batches(config: ml_collections.ConfigDict, data: pipeline.PlanetData, split: str):
+def eval_batches(config: ml_collections.ConfigDict, data: prepared.PlanetData, split: str):
   """One pass over `split` in source order, padded to whole batches (a 'mask' marks chips)."""
   return pipeline.eval_batches(
       data, split, batch_size=config.eval_batch_size, image_size=config.data.eval_size,

@@ -5,7 +5,7 @@
 * `synthetic_kaggle_dir`: a session-wide synthetic Kaggle-layout directory,
   SYNTHETIC_CHIPS chips of SYNTHETIC_SIZE px (>= 96 px, so models can run on
   it), SYNTHETIC_TEST test chips, seed 0. Read-only: do not modify it.
-* `prepared_synthetic`: `pipeline.PlanetData` over it (TFDS built once per
+* `prepared_synthetic`: `prepared.PlanetData` over it (TFDS built once per
   session in a temporary data_dir, the study's split 0.33 / seed 321).
 """
 
@@ -52,8 +52,8 @@ def synthetic_kaggle_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='session')
 def prepared_synthetic(synthetic_kaggle_dir, tmp_path_factory):
-  from rf_jax.data import pipeline
   from rf_jax.data import planet
-  return pipeline.prepare(
+  from rf_jax.data import prepared
+  return prepared.prepare(
       synthetic_kaggle_dir, tmp_path_factory.mktemp('prepared'), layout='auto',
       val_fraction=planet.STUDY_VAL_FRACTION, split_seed=planet.STUDY_SEED)

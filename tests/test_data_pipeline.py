@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rf_jax.data import pipeline
+from rf_jax.data import prepared
 from rf_jax.data import planet
 from rf_jax.data import synthetic
 
@@ -38,7 +39,7 @@ def tiny(tmp_path_factory):
   """16 px course-layout chips: crops can be located by brute force."""
   root = tmp_path_factory.mktemp('tiny')
   raw = synthetic.write_dataset(root / 'raw', 30, 16, seed=9, layout='course')
-  return pipeline.prepare(raw, root / 'prep', layout='auto',
+  return prepared.prepare(raw, root / 'prep', layout='auto',
                           val_fraction=planet.STUDY_VAL_FRACTION,
                           split_seed=planet.STUDY_SEED)
 
@@ -273,7 +274,7 @@ def test_course_normalisation_of_kaggle_chips_is_refused(prepared_synthetic):
 
 
 def test_steps_per_epoch(prepared_synthetic):
-  assert pipeline.steps_per_epoch(prepared_synthetic, 8) == \
+  assert prepared.steps_per_epoch(prepared_synthetic, 8) == \
       len(prepared_synthetic.train) // 8
 
 

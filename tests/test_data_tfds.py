@@ -1,4 +1,4 @@
-"""The planet_amazon TFDS builder and pipeline.prepare: round trip, stored
+"""The planet_amazon TFDS builder and prepared.prepare: round trip, stored
 statistics, no rebuild, atomic builds, recorded source and split."""
 
 import dataclasses
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rf_jax.data import pipeline
+from rf_jax.data import prepared
 from rf_jax.data import planet
 from rf_jax.data import synthetic
 from rf_jax.data import tfds_planet
@@ -23,7 +24,7 @@ SPLIT = dict(val_fraction=planet.STUDY_VAL_FRACTION, split_seed=planet.STUDY_SEE
 def _prepare(raw_dir, prepared_dir, **overrides):
   args = dict(layout='auto', **SPLIT)
   args.update(overrides)
-  return pipeline.prepare(raw_dir, prepared_dir, **args)
+  return prepared.prepare(raw_dir, prepared_dir, **args)
 
 
 def _make_config(raw_dir, **overrides):
