@@ -8,7 +8,7 @@ holds that epoch's validation scores: evaluation recomputes them from the
 restored model and says whether they reproduce.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import dataclasses
 import glob
 import os
@@ -132,17 +132,22 @@ def _save(manager, step, *, state, data_state, progress, config, record, val_sco
   manager.wait_until_finished()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   check_config: Callable[[dict], None]) -> Restored | None:
-  """The latest checkpoint restored into `abstract_state`'s structure, or None.
-
-  `check_config(saved_config)` runs first, so that a checkpoint of another model
-  is refused with its own message rather than a tree mismatch.
-  """
+def latest_config(directory: str | os.PathLike) -> dict | None:
+  """The config saved with the latest checkpoint in `directory` (None: no checkpoint yet)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = create_manager(directory, read_only=True)
   step = manager.latest_step()
   if step is None:
     return None
-  check_config(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Restored | None:
+  """The latest checkpoint restored into `abstract_state`'s structure, or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
   return _restore(manager, step, ocp.args.StandardRestore(abstract_state))
 
 

@@ -71,3 +71,52 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.data.synthetic.num_chips and config.data.synthetic.chip_size < config.data.crop_size:
     raise ConfigError(f'config.data.crop_size={config.data.crop_size} exceeds '
                       f'config.data.synthetic.chip_size={config.data.synthetic.chip_size}.')
+
+
+# Keys a run may change between invocations without changing what was trained or evaluated.
+_FREE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'data.raw_dir', 'data.prepared_dir',
+              'eval.')
+# Keys that may change with --allow_config_change (the change is recorded in history.json).
+CHANGEABLE_KEYS = ('num_epochs',)
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def changed_keys(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{key: (the run's value, this config's value)} for every key that would change the run."""
+  before, now = _flat(saved), _flat(config.to_dict())
+  return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
+          if before.get(k) != now.get(k) and not k.startswith(_FREE_KEYS)}
+
+
+def check_same_run(saved: dict, config: ml_collections.ConfigDict, allowed: tuple[str, ...],
+                   where) -> dict[str, tuple]:
+  """Refuses a config that differs from the run's in a key that matters; returns the allowed
+  changes. `allowed`: keys of CHANGEABLE_KEYS the user explicitly let change."""
+  unknown = [k for k in allowed if k not in CHANGEABLE_KEYS]
+  if unknown:
+    raise ConfigError(f'--allow_config_change={",".join(unknown)}: only '
+                      f'{", ".join(CHANGEABLE_KEYS)} can change within a run; start a new run '
+                      'in another --workdir to change anything else.')
+  changes = changed_keys(saved, config)
+  refused = {k: v for k, v in changes.items() if k not in allowed}
+  if refused:
+    lines = '\n  '.join(f'config.{k}: the run has {a!r}, this config has {b!r}'
+                        for k, (a, b) in refused.items())
+    changeable = [k for k in refused if k in CHANGEABLE_KEYS]
+    hint = (f' To continue this run with the new value, add --allow_config_change='
+            f'{",".join(changeable)}.' if changeable else '')
+    raise ConfigError(
+        f'{where} holds a run with another config; its results would be mixed with this '
+        f"one's:\n  {lines}\nUse another --workdir for the new config, or the run's own config "
+        f'(saved in its config.json; --mode evaluate and predict use it when --config is '
+        f'omitted).{hint}')
+  return changes

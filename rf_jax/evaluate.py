@@ -22,6 +22,7 @@ from rf_jax import checkpoints
 from rf_jax import config_checks
 from rf_jax import history
 from rf_jax import inputs
+from rf_jax import provenance
 from rf_jax import report
 from rf_jax import reproduction
 from rf_jax import steps
@@ -35,8 +36,10 @@ def restore_model(config: ml_collections.ConfigDict,
   """The checkpoint's variables in an eval-only state for `config.model`, and the checkpoint."""
   restored = checkpoints.restore_for_evaluation(wd.checkpoints, config.eval.step,
                                                 select_by=config.eval.select_by)
-  checkpoints.check_model(restored.config, config.model.name,
-                          f'The checkpoint at step {restored.step} in {wd.root}')
+  where = f'The checkpoint at step {restored.step} in {wd.root}'
+  checkpoints.check_model(restored.config, config.model.name, where)
+  # Evaluation does not depend on the training length: only keys that change what was trained.
+  config_checks.check_same_run(restored.config, config, config_checks.CHANGEABLE_KEYS, where)
   model = registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
                                 dtype=jnp.dtype(config.dtype))
   size, channels = config.data.eval_size, len(registry.input_bands(config.model.name))
@@ -117,6 +120,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir, data=None) -> dict:
   wd = workdir_lib.Workdir(workdir)
   state, restored = restore_model(config, wd)
   data = data or inputs.prepare(config, wd)
+  provenance.record_invocation(wd, 'evaluate', config, data)
   scores, labels, loss = make_predict_fn(config, state)(
       inputs.eval_batches(config, data, 'validation'))
   step = restored.step

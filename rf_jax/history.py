@@ -1,7 +1,8 @@
 """The run's record per epoch: history.json (what the report reads) and TensorBoard.
 
-history.json: {"model": str, "epochs": [record, ...]}, one record per finished epoch with the
-keys of `epoch_record` below; per-tag values are in planet.TAGS order, null where undefined.
+history.json: {"model": str, "epochs": [record, ...], "config_changes": [...]}, one record per
+finished epoch with the keys of `epoch_record` below (per-tag values in planet.TAGS order, null
+where undefined), and the config changes allowed on resuming (--allow_config_change).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def epoch_record(*, epoch: int, step: int, train_loss: float, val_loss: float,
   }
 
 
-def write(path: pathlib.Path, model: str, epochs: list[dict]) -> None:
-  workdir_lib.write_json(path, {'model': model, 'epochs': epochs})
+def write(path: pathlib.Path, model: str, epochs: list[dict], config_changes=()) -> None:
+  """`config_changes`: [{'key', 'from', 'to', 'step'}] allowed on resuming at `step`."""
+  workdir_lib.write_json(path, {'model': model, 'epochs': epochs,
+                                'config_changes': list(config_changes)})
 
 
 def read(path) -> dict[str, Any]:

@@ -32,10 +32,12 @@ from rf_jax import history
 from rf_jax import inputs
 from rf_jax import parallel
 from rf_jax import preemption
+from rf_jax import provenance
 from rf_jax import steps
 from rf_jax import workdir as workdir_lib
 from rf_jax import weights
 from rf_jax.data import planet
+from rf_jax.data import prepared
 from rf_jax.models import registry
 
 
@@ -58,17 +60,20 @@ class _LossSum:
 
 @dataclasses.dataclass
 class _Progress:
-  """What a checkpoint holds besides the state: finished epochs, the running epoch's loss."""
+  """What a checkpoint holds besides the state: finished epochs, the running epoch's loss,
+  and the config changes the user allowed on resuming."""
   epochs: list[dict]
   loss: _LossSum
+  config_changes: list[dict] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict:
     return {'history': self.epochs, 'epoch_loss_total': float(self.loss.total),
-            'epoch_loss_count': self.loss.count}
+            'epoch_loss_count': self.loss.count, 'config_changes': self.config_changes}
 
   @classmethod
   def from_json(cls, saved: dict) -> '_Progress':
-    return cls(saved['history'], _LossSum(saved['epoch_loss_total'], saved['epoch_loss_count']))
+    return cls(saved['history'], _LossSum(saved['epoch_loss_total'], saved['epoch_loss_count']),
+               saved.get('config_changes', []))
 
 
 def _check_finite(loss: float, step: int, epoch: int, last_saved: int | None, where) -> None:
@@ -103,14 +108,7 @@ class _Checkpointer:
 
   def restore(self, state):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return checkpoints.restore_latest(self.manager, abstract, self._check_same_model)
-
-  def _check_same_model(self, saved: dict) -> None:
-    if saved['model']['name'] != self.config.model.name:
-      raise checkpoints.CheckpointError(
-          f'{self.manager.directory} holds a run of model {saved["model"]["name"]!r}, but '
-          f'config.model.name is {self.config.model.name!r}: use another --workdir or the '
-          'matching config.')
+    return checkpoints.restore_latest(self.manager, abstract)
 
   def save(self, step, state, train_iter, progress: _Progress, record=None, scores=None):
     checkpoints.save(self.manager, step, state=jax.device_get(self.runner.get_state(state)),
@@ -143,13 +141,36 @@ class _Run:
     return int(self.runner.get_state(self.state).step)
 
 
-def _set_up(config, wd: workdir_lib.Workdir, data) -> _Run:
-  """Data, model, state and checkpoints of a run, restored from the latest checkpoint if any."""
-  data = data or inputs.prepare(config, wd)
-  steps_per_epoch = len(data.train) // config.batch_size
-  if steps_per_epoch == 0:
+def _check_resumable(config, wd: workdir_lib.Workdir, allowed) -> list[dict]:
+  """Before any work: the workdir's run (if any) must be of this config, up to allowed keys.
+
+  Returns the allowed changes, to be recorded in the history.
+  """
+  saved = checkpoints.latest_config(wd.checkpoints)
+  if saved is None:
+    return []
+  checkpoints.check_model(saved, config.model.name, wd.root)
+  changes = config_checks.check_same_run(saved, config, tuple(allowed), wd.root)
+  return [{'key': k, 'from': a, 'to': b} for k, (a, b) in changes.items()]
+
+
+def _check_data_fits(config, data) -> None:
+  """Sizes that only the prepared chips can tell, checked before the model is built."""
+  if config.data.crop_size > data.chip_size:
+    raise config_checks.ConfigError(
+        f'config.data.crop_size={config.data.crop_size} exceeds the {data.chip_size} px chips '
+        f'of {data.data_dir}: use --config.data.crop_size={data.chip_size} or less.')
+  if config.batch_size > len(data.train):
     raise config_checks.ConfigError(
         f'config.batch_size={config.batch_size} exceeds the {len(data.train)} training chips.')
+
+
+def _set_up(config, wd: workdir_lib.Workdir, data, changes: list[dict]) -> _Run:
+  """Data, model, state and checkpoints of a run, restored from the latest checkpoint if any."""
+  data = data or inputs.prepare(config, wd)
+  _check_data_fits(config, data)
+  provenance.record_invocation(wd, 'train', config, data)
+  steps_per_epoch = prepared.steps_per_epoch(data, config.batch_size)
   kind = config.parallel if jax.device_count() > 1 else 'jit'
   model = registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
                                 dtype=jnp.dtype(config.dtype),
@@ -170,7 +191,9 @@ def _set_up(config, wd: workdir_lib.Workdir, data) -> _Run:
     state = restored.state
     train_iter.set_state(restored.data_state)
     progress = _Progress.from_json(restored.progress)
-    print(f'Resumed from step {restored.step} ({checkpointer.manager.directory}).')
+    progress.config_changes += [dict(c, step=restored.step) for c in changes]
+    print(f'Resumed from step {restored.step} ({checkpointer.manager.directory})'
+          + ''.join(f'; config.{c["key"]} {c["from"]!r} -> {c["to"]!r}' for c in changes) + '.')
   return _Run(config, wd, data, steps_per_epoch, learning_rate_fn, runner,
               runner.put_state(state), train_iter, checkpointer, progress, is_chief)
 
@@ -223,21 +246,31 @@ def _validate(run: _Run, epoch: int, seconds: float, first_step: int) -> tuple[d
   return record, scores
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None) -> steps.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
+                       allow_config_change=()) -> steps.TrainState:
   """Trains `config.num_epochs` epochs, validating after each; returns the final state.
 
   `data`: the prepared dataset when the caller already has it (inputs.prepare).
+  `allow_config_change`: keys (config_checks.CHANGEABLE_KEYS) that may differ from the run
+  being resumed; any other difference is refused before any work.
   """
   config_checks.check(config)
   parallel.check_batch_sizes(config)
   wd = workdir_lib.Workdir(workdir)
   wd.create()
-  run = _set_up(config, wd, data)
+  changes = _check_resumable(config, wd, allow_config_change)
+  run = _set_up(config, wd, data, changes)
+  first_epoch = run.step // run.steps_per_epoch
+  if first_epoch >= config.num_epochs:
+    print(f'{wd.root} is already trained to epoch {len(run.progress.epochs)} (step {run.step}); '
+          f'nothing to do. Raise --config.num_epochs (with --allow_config_change=num_epochs) to '
+          'train on.')
+    return run.runner.get_state(run.state)
   writer = history.summary_writer(wd.tensorboard) if run.is_chief else None
   if run.is_chief:  # also after a resume: a kill may have come between checkpoint and file
-    history.write(wd.history, config.model.name, run.progress.epochs)
+    history.write(wd.history, config.model.name, run.progress.epochs, run.progress.config_changes)
   with preemption.stop_requests() as stop:
-    for epoch in range(run.step // run.steps_per_epoch, config.num_epochs):
+    for epoch in range(first_epoch, config.num_epochs):
       first_step = run.step
       seconds = _train_epoch(run, epoch, stop)
       record, scores = _validate(run, epoch, seconds, first_step)
@@ -245,7 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None) ->
       run.checkpointer.save(record['step'], run.state, run.train_iter, run.progress,
                             record=record, scores=scores)
       if run.is_chief:
-        history.write(wd.history, config.model.name, run.progress.epochs)
+        history.write(wd.history, config.model.name, run.progress.epochs,
+                      run.progress.config_changes)
         history.log_to_tensorboard(writer, record)
         print(history.epoch_line(record, config.num_epochs), flush=True)
       if stop:

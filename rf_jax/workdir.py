@@ -2,6 +2,10 @@
 
     <workdir>/
       checkpoints/        orbax: the latest (resume) and the best epoch (evaluation)
+      config.json         the resolved config of the run
+      provenance.json     the dataset (fingerprint, band statistics) and every invocation
+                          (command, versions, commit)
+      log.txt             what the run printed, and its library logs
       history.json        per epoch: losses, mAP, per-tag AP, learning rate, img/s
       parameters.txt      the model's parameter table
       tensorboard/        event files
@@ -17,9 +21,14 @@ file: each write goes to a temporary name that is renamed over the target.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import json
 import os
 import pathlib
+import socket
+import sys
 
 import numpy as np
 
@@ -38,6 +47,10 @@ class Workdir:
     return f'Workdir({str(self.root)!r})'
 
   checkpoints = property(lambda self: self.root / 'checkpoints')
+  config = property(lambda self: self.root / 'config.json')
+  provenance = property(lambda self: self.root / 'provenance.json')
+  log = property(lambda self: self.root / 'log.txt')
+  lock_file = property(lambda self: self.root / '.lock')
   history = property(lambda self: self.root / 'history.json')
   parameters = property(lambda self: self.root / 'parameters.txt')
   tensorboard = property(lambda self: self.root / 'tensorboard')
@@ -61,6 +74,9 @@ class Workdir:
 
   def create(self) -> None:
     """Creates the workdir and checks that it can be written."""
+    if self.root.exists() and not self.root.is_dir():
+      raise WorkdirError(f'workdir {self.root} is a file, not a directory: choose another '
+                         '--workdir.')
     try:
       self.root.mkdir(parents=True, exist_ok=True)
       probe = self.root / '.write_probe'
@@ -69,6 +85,63 @@ class Workdir:
     except OSError as e:
       raise WorkdirError(f'workdir {self.root} is not writable ({e.strerror or e}): choose '
                          'another --workdir or fix its permissions.') from None
+
+
+@contextlib.contextmanager
+def locked(wd: Workdir):
+  """Holds the workdir for this process: a second process is refused with the holder's pid.
+
+  An advisory lock (flock) that the kernel releases when the holder exits in any way, so a
+  killed run leaves no stale lock behind; the file only says who holds it.
+  """
+  wd.create()
+  with open(wd.lock_file, 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise WorkdirError(f'workdir {wd.root} is in use by {holder}: wait for it to finish (a '
+                         'second run would overwrite its checkpoints), or use another '
+                         '--workdir.') from None
+    f.truncate(0)
+    f.write(f'rf_jax pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      f.truncate(0)
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Tee(io.TextIOBase):
+  """Writes to the terminal and to the run's log file."""
+
+  def __init__(self, terminal, log):
+    self.terminal, self.log = terminal, log
+
+  def write(self, text: str) -> int:
+    self.log.write(text)
+    self.log.flush()
+    return self.terminal.write(text)
+
+  def flush(self) -> None:
+    self.terminal.flush()
+
+  def fileno(self) -> int:
+    return self.terminal.fileno()
+
+
+@contextlib.contextmanager
+def logged_output(wd: Workdir):
+  """Copies what the run prints (not the progress bars) into the workdir's log.txt."""
+  wd.create()
+  with open(wd.log, 'a') as log:
+    terminal, sys.stdout = sys.stdout, _Tee(sys.stdout, log)
+    try:
+      yield
+    finally:
+      sys.stdout = terminal
 
 
 def write_text(path: pathlib.Path, text: str) -> None:

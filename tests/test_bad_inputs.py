@@ -27,7 +27,7 @@ import tifffile
 from rf_jax import checkpoints
 from rf_jax import evaluate
 from rf_jax import inputs
-from rf_jax import user_errors
+from rf_jax import cli
 from rf_jax import train
 from rf_jax.data import planet
 from rf_jax import weights
@@ -60,7 +60,7 @@ def assert_user_error(error: BaseException, *patterns: str) -> None:
   """An error the CLI prints as an `error:` line: its first line matches the first pattern
   (the file, line or key), the whole message every pattern (a fix may be a command on its
   own line)."""
-  assert isinstance(error, user_errors.USER_ERRORS), f'{type(error).__name__} would be a traceback'
+  assert isinstance(error, cli.USER_ERRORS), f'{type(error).__name__} would be a traceback'
   _match(str(error), patterns)
 
 
@@ -323,7 +323,7 @@ def test_interrupted_tfds_build_is_ignored_and_rebuilt(synthetic_kaggle_dir, tra
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    'data room: pipeline.open_prepared lets array_record\'s RuntimeError("open() failed ...") '
+    'data room: prepared.open_prepared lets array_record\'s RuntimeError("open() failed ...") '
     'escape; it should raise PlanetDataError naming the directory and saying to delete it'))
 def test_prepared_dataset_missing_a_shard_is_named(synthetic_kaggle_dir, trained, tmp_path):
   prepared = tmp_path / 'prepared'

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from rf_jax.configs import demo
 from rf_jax import checkpoints
 from rf_jax import evaluate
 from rf_jax import submission

@@ -19,7 +19,7 @@ import pytest
 _SCRIPT = textwrap.dedent('''
     import functools, json
     import jax, jax.numpy as jnp, numpy as np
-    from configs import default
+    from rf_jax.configs import default
     from rf_jax import parallel, steps, train
     from rf_jax.models import registry
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from configs import rgb
+from rf_jax.configs import rgb
 from rf_jax import checkpoints
 from rf_jax import config_checks
 from rf_jax import parallel
@@ -107,10 +107,16 @@ def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, pr
   config = tiny('rgb', synthetic_kaggle_dir, prepared_dir, weights_file, num_epochs=1)
   train.train_and_evaluate(config, tmp_path)  # stopped after epoch 1 ...
   config.num_epochs = 2
-  resumed_state = train.train_and_evaluate(config, tmp_path)  # ... and restarted
+  with pytest.raises(config_checks.ConfigError, match='config.num_epochs: the run has 1, this '
+                     'config has 2.*--allow_config_change=num_epochs'):
+    train.train_and_evaluate(config, tmp_path)  # a changed config is refused ...
+  resumed_state = train.train_and_evaluate(  # ... unless the change is allowed
+      config, tmp_path, allow_config_change=('num_epochs',))
 
   strip = lambda history: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
   assert strip(_history(tmp_path)) == strip(_history(full_workdir))
+  changes = json.loads(Workdir(tmp_path).history.read_text())['config_changes']
+  assert changes == [{'key': 'num_epochs', 'from': 1, 'to': 2, 'step': 5}]
   for got, want in zip(jax.tree.leaves(jax.device_get(resumed_state)),
                        jax.tree.leaves(jax.device_get(full_state)), strict=True):
     np.testing.assert_array_equal(got, want)
@@ -119,16 +125,18 @@ def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, pr
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path, monkeypatch):
   config, workdir, _ = runs['rgbir']
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
-  before = Workdir(tmp_path).history.read_text()
+  before = json.loads(Workdir(tmp_path).history.read_text())
   config = config.copy_and_resolve_references()
   config.num_epochs = 2
   real_loss = steps.sigmoid_bce
   monkeypatch.setattr(steps, 'sigmoid_bce', lambda logits, labels: real_loss(logits, labels) * jnp.nan)
   with pytest.raises(train.NonFiniteLossError, match=r'last good checkpoint \(step 5\)'):
-    train.train_and_evaluate(config, tmp_path)
+    train.train_and_evaluate(config, tmp_path, allow_config_change=('num_epochs',))
   manager = checkpoints.create_manager(Workdir(tmp_path).checkpoints, read_only=True)
   assert manager.all_steps() == [5]
-  assert Workdir(tmp_path).history.read_text() == before
+  after = json.loads(Workdir(tmp_path).history.read_text())
+  assert after['epochs'] == before['epochs']  # nothing recorded after the non-finite loss
+  assert after['config_changes'] == [{'key': 'num_epochs', 'from': 1, 'to': 2, 'step': 5}]
   restored = checkpoints.restore_for_evaluation(Workdir(tmp_path).checkpoints)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.state['params']))
 

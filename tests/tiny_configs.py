@@ -1,6 +1,6 @@
 """Study configs shrunk to a few steps on the session's synthetic chips (tests/conftest.py)."""
 
-from configs import dual, rgb, rgbir
+from rf_jax.configs import dual, rgb, rgbir
 
 STUDY_CONFIGS = {'rgb': rgb, 'rgbir': rgbir, 'dual': dual}
 

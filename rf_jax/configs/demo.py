@@ -6,7 +6,7 @@ no weights can be assumed on a fresh machine. Choose the model with
 `--config.model.name=rgb|rgbir|dual`.
 """
 
-from configs import default
+from rf_jax.configs import default
 
 
 def get_config():

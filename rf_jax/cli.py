@@ -1,4 +1,5 @@
-"""Mistakes in the user's input, reported as one `error: ...` line (exit status 1).
+"""The command line around main.py: flag parsing, built-in config names, and the user's
+mistakes reported as one `error: ...` line (exit status 1).
 
 Every message names the file, line, config key or path and says what to do; anything else that
 escapes is a bug in rf_jax and keeps its traceback.
@@ -6,10 +7,13 @@ escapes is a bug in rf_jax and keeps its traceback.
 
 import contextlib
 import errno
+import os
+import pathlib
 import re
 import sys
 
 from absl import flags
+import jax
 
 from rf_jax import checkpoints
 from rf_jax import config_checks
@@ -54,9 +58,60 @@ def _config_arg(argv, missing: str) -> str:
   return f'--config.*{missing}'
 
 
+def _config_key_hint(name: str, flag_values) -> str:
+  """For `--num_epochs=1`: 'Did you mean --config.num_epochs?' when the config has that key."""
+  config = flag_values['config'].value if 'config' in flag_values else None
+  keys = []
+  if config is not None:
+    stack = [('', config)]
+    while stack:
+      prefix, node = stack.pop()
+      for key in node.keys():
+        value = node[key]
+        if hasattr(value, 'keys'):
+          stack.append((f'{prefix}{key}.', value))
+        else:
+          keys.append(f'{prefix}{key}')
+  matches = sorted(k for k in keys if k == name or k.endswith('.' + name))
+  if matches:
+    return f' Did you mean {" or ".join("--config." + k for k in matches)}?'
+  return ' See --helpfull; config keys are set as --config.<key>=<value> (configs/default.py).'
+
+
+def check_backend() -> None:
+  """A JAX_PLATFORMS that names a missing backend, as one error line instead of an assertion."""
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    platforms = os.environ.get('JAX_PLATFORMS', '')
+    _fail(f'JAX could not start the {platforms or "default"} backend ({str(e).strip() or type(e).__name__}): '
+          f'{"unset JAX_PLATFORMS or " if platforms else ""}install the jax build for this '
+          'accelerator (e.g. pip install "jax[cuda12]"), or set JAX_PLATFORMS=cpu.')
+
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
+
+
+def _builtin_config(value: str) -> str:
+  """`--config dual` names rf_jax/configs/dual.py, from any directory."""
+  path = CONFIGS_DIR / f'{value}.py'
+  return str(path) if os.sep not in value and not os.path.exists(value) and path.is_file() else value
+
+
+def _with_builtin_configs(argv: list[str]) -> list[str]:
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith('--config='):
+      out[i] = '--config=' + _builtin_config(arg[len('--config='):])
+    elif arg == '--config' and i + 1 < len(out):
+      out[i + 1] = _builtin_config(out[i + 1])
+  return out
+
+
 def parse_flags(argv):
   """absl's flag parsing, with every mistake reported as one `error:` line (exit 1)."""
   flag_values = flags.FLAGS
+  argv = _with_builtin_configs(argv)
   try:
     rest = flag_values(argv)
     if 'config' in flag_values and flag_values.config is not None:
@@ -64,6 +119,8 @@ def parse_flags(argv):
     return rest
   except OSError as e:  # the config file is missing or does not load
     _fail(f'--config: {" ".join(str(e).split())}')
+  except flags.UnrecognizedFlagError as e:
+    _fail(f'{" ".join(str(e).split())}.{_config_key_hint(e.flagname, flag_values)}')
   except flags.Error as e:
     message = ' '.join(str(e).split())
     hint = (' Every config key and its type is in configs/default.py.'

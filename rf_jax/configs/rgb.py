@@ -1,6 +1,6 @@
 """The study's `rgb` model with the Table 1 recipe (configs/default.py)."""
 
-from configs import default
+from rf_jax.configs import default
 
 
 def get_config():

@@ -1,0 +1,103 @@
+"""What a workdir records about how it was made: the resolved config, the software, the command,
+the dataset (fingerprint and normalisation statistics).
+
+`config.json` holds the config the run was started with (and resumed with, after an allowed
+change); `provenance.json` holds the dataset and one entry per invocation. A workdir is thereby
+self-contained: evaluation and prediction need neither the original --config nor the prepared
+dataset's metadata.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from importlib import metadata
+import pathlib
+import platform
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+
+from rf_jax import workdir as workdir_lib
+
+PACKAGES = ('rf_jax', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
+            'tensorflow-datasets', 'numpy')
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str]:
+  found = {'python': platform.python_version()}
+  for package in PACKAGES:
+    try:
+      found[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      found[package] = 'not installed'
+  commit = git_commit()
+  if commit:
+    found['rf_jax_commit'] = commit
+  return found
+
+
+def git_commit() -> str | None:
+  """The commit of the rf_jax checkout ('+dirty' with uncommitted changes); None if not a checkout."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  if not (root / '.git').exists():
+    return None
+  try:
+    run = lambda *args: subprocess.run(['git', '-C', str(root), *args], capture_output=True,
+                                       text=True, timeout=10, check=True).stdout.strip()
+    return run('rev-parse', 'HEAD') + ('+dirty' if run('status', '--porcelain', '-uno') else '')
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def dataset_record(data) -> dict:
+  """The prepared dataset a run used: its fingerprint, where it was, and its band statistics."""
+  return {
+      'fingerprint': pathlib.Path(data.data_dir).parent.name,
+      'data_dir': str(data.data_dir),
+      'layout': data.layout,
+      'chip_size': int(data.chip_size),
+      'mean': [float(x) for x in np.asarray(data.mean)],
+      'std': [float(x) for x in np.asarray(data.std)],
+      'num_chips': {split: len(names) for split, names in data.names.items()},
+  }
+
+
+def record_invocation(wd: workdir_lib.Workdir, mode: str, config: ml_collections.ConfigDict,
+                      data=None) -> None:
+  """Writes config.json and adds this invocation (and the dataset, when known) to provenance.json."""
+  record = workdir_lib.read_json(wd.provenance) if wd.provenance.is_file() else {'invocations': []}
+  if data is not None:
+    record['dataset'] = dataset_record(data)
+  record['invocations'].append({
+      'mode': mode,
+      'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'command': sys.argv,
+      'versions': versions(),
+  })
+  if mode in ('train', 'all') or not wd.config.is_file():
+    workdir_lib.write_text(wd.config, config.to_json_best_effort(indent=1) + '\n')
+  workdir_lib.write_json(wd.provenance, record)
+
+
+def saved_config(wd: workdir_lib.Workdir) -> ml_collections.ConfigDict:
+  """The config the run in `wd` was made with (config.json), as a locked ConfigDict."""
+  if not wd.config.is_file():
+    raise FileNotFoundError(f'{wd.config} not found: {wd.root} holds no rf_jax run; give '
+                            '--config, or the --workdir of a trained run.')
+  config = ml_collections.ConfigDict(workdir_lib.read_json(wd.config))
+  config.lock()
+  return config
+
+
+def saved_statistics(wd: workdir_lib.Workdir) -> tuple[np.ndarray, np.ndarray] | None:
+  """The band mean and std the run normalised with (None when provenance.json has none)."""
+  if not wd.provenance.is_file():
+    return None
+  dataset = workdir_lib.read_json(wd.provenance).get('dataset')
+  if not dataset:
+    return None
+  return np.asarray(dataset['mean'], np.float32), np.asarray(dataset['std'], np.float32)
