@@ -114,38 +114,48 @@ def _save_predictions(wd: workdir_lib.Workdir, current: dict, previous: dict | N
   workdir_lib.write_npz(wd.predictions, current)
 
 
+def _write_report(config, wd: workdir_lib.Workdir, data, current: dict, summary: dict,
+                  loss: float):
+  index = {name: i for i, name in enumerate(data.names['validation'])}
+  return report.write_report(
+      wd.root, history=history.read(wd.history) if wd.history.is_file() else None,
+      predictions=current, tags=planet.TAGS,
+      load_rgb=lambda name: data.validation[index[name]]['image'][..., :3],
+      top_n=config.eval.top_n, thresholds=[summary['thresholds'][t] for t in planet.TAGS],
+      loss=loss, model=config.model.name)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir, data=None) -> dict:
-  """Restores, predicts the validation split, checks reproduction, writes metrics and report."""
+  """Restores, predicts the validation split, checks reproduction, writes metrics and report.
+
+  Every process predicts its part of the chips; process 0 checks and writes the results.
+  """
   config_checks.check(config)
   wd = workdir_lib.Workdir(workdir)
   state, restored = restore_model(config, wd)
   data = data or inputs.prepare(config, wd)
-  provenance.record_invocation(wd, 'evaluate', config, data)
   scores, labels, loss = make_predict_fn(config, state)(
       inputs.eval_batches(config, data, 'validation'))
   step = restored.step
+  summary = report.metrics_summary(labels, scores, planet.TAGS, model=config.model.name,
+                                   loss=loss, step=step, flips=bool(config.eval.flips))
+  if jax.process_index() != 0:
+    return summary
+  provenance.record_invocation(wd, 'evaluate', config, data)
   current = {'names': np.asarray(data.names['validation']), 'labels': labels,
              'scores': scores.astype(np.float32), 'step': np.int64(step)}
   previous = workdir_lib.read_npz(wd.predictions)
   checked = _check_reproduction(restored, current, previous)
   if checked is not None:
     checked['history_value'] = _history_value(wd, step, config.eval.select_by)
+    if checked['history_value'] is not None:
+      print(f'{config.eval.select_by} of step {step}: {checked["history_value"]:.6f} in '
+            f'{wd.history.name}, recomputed '
+            f'{summary[_summary_key(config.eval.select_by)]:.6f}.')
+  summary['reproduction'] = checked
   _save_predictions(wd, current, previous)
-
-  summary = report.metrics_summary(labels, scores, planet.TAGS, model=config.model.name,
-                                   loss=loss, step=step, flips=bool(config.eval.flips),
-                                   reproduction=checked)
-  if checked is not None and checked['history_value'] is not None:
-    print(f'{config.eval.select_by} of step {step}: {checked["history_value"]:.6f} in '
-          f'{wd.history.name}, recomputed {summary[_summary_key(config.eval.select_by)]:.6f}.')
   workdir_lib.write_json(wd.metrics, summary)
-  index = {name: i for i, name in enumerate(data.names['validation'])}
-  md = report.write_report(
-      wd.root, history=history.read(wd.history) if wd.history.is_file() else None,
-      predictions=current, tags=planet.TAGS,
-      load_rgb=lambda name: data.validation[index[name]]['image'][..., :3],
-      top_n=config.eval.top_n, thresholds=[summary['thresholds'][t] for t in planet.TAGS],
-      loss=loss, model=config.model.name)
+  md = _write_report(config, wd, data, current, summary, loss)
   print(f'step {step}: val mAP {summary["map"]:.4f}, F2 {summary["f2_at_0.5"]:.4f} at 0.5, '
         f'{summary["f2_tuned"]:.4f} tuned; report: {md}')
   return summary

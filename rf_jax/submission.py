@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -49,6 +50,8 @@ def predict_test(config: ml_collections.ConfigDict, workdir, data=None) -> pathl
         f'No test chips in the prepared dataset ({data.data_dir}): put the Kaggle test-tif-v2 '
         'folder in config.data.raw_dir and prepare again.')
   scores, _, _ = evaluate.make_predict_fn(config, state)(inputs.eval_batches(config, data, 'test'))
+  if jax.process_index() != 0:  # every process predicts its part; process 0 writes
+    return wd.submission
   write_submission(wd.submission, data.names['test'], metrics.binarize(scores, thresholds))
   print(f'{wd.submission}: {len(scores)} test chips, thresholds from {wd.metrics}.')
   return wd.submission

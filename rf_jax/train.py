@@ -169,7 +169,9 @@ def _set_up(config, wd: workdir_lib.Workdir, data, changes: list[dict]) -> _Run:
   """Data, model, state and checkpoints of a run, restored from the latest checkpoint if any."""
   data = data or inputs.prepare(config, wd)
   _check_data_fits(config, data)
-  provenance.record_invocation(wd, 'train', config, data)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    provenance.record_invocation(wd, 'train', config, data)
   steps_per_epoch = prepared.steps_per_epoch(data, config.batch_size)
   kind = config.parallel if jax.device_count() > 1 else 'jit'
   model = registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
@@ -179,7 +181,6 @@ def _set_up(config, wd: workdir_lib.Workdir, data, changes: list[dict]) -> _Run:
   learning_rate_fn = steps.create_learning_rate_fn(o.lr, o.decay_epochs, o.decay_rate,
                                                    steps_per_epoch)
   state = create_train_state(config, model, learning_rate_fn, jax.random.key(config.seed))
-  is_chief = jax.process_index() == 0
   if is_chief:
     _write_parameter_table(wd, config.model.name, state.params)
   train_iter = iter(inputs.train_loader(config, data))
@@ -218,16 +219,17 @@ def _train_epoch(run: _Run, epoch: int, stop: list) -> float:
     run.progress.loss.add(loss)
     step += 1
     bar.update()
+    stop_signal = preemption.agreed(stop)
     periodic_save = (config.checkpoint_every_steps and step < epoch_end
                      and step % config.checkpoint_every_steps == 0)
-    if step % config.log_every_steps == 0 or periodic_save or stop or step == epoch_end:
+    if step % config.log_every_steps == 0 or periodic_save or stop_signal or step == epoch_end:
       mean_loss = run.progress.loss.mean()
       _check_finite(mean_loss, step, epoch, manager.latest_step(), manager.directory)
       bar.set_postfix(loss=f'{mean_loss:.4f}', refresh=False)
-    if stop and step < epoch_end:
+    if stop_signal and step < epoch_end:
       run.checkpointer.save(step, run.state, run.train_iter, run.progress)
       bar.close()
-      raise run.checkpointer.stopped(stop[0], step)
+      raise run.checkpointer.stopped(stop_signal, step)
     if periodic_save:
       run.checkpointer.save(step, run.state, run.train_iter, run.progress)
   bar.close()
@@ -282,8 +284,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
                       run.progress.config_changes)
         history.log_to_tensorboard(writer, record)
         print(history.epoch_line(record, config.num_epochs), flush=True)
-      if stop:
-        raise run.checkpointer.stopped(stop[0], record['step'])
+      stop_signal = preemption.agreed(stop)
+      if stop_signal:
+        raise run.checkpointer.stopped(stop_signal, record['step'])
   if writer is not None:
     writer.close()
   run.checkpointer.manager.close()
