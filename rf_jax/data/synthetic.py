@@ -17,11 +17,13 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import tifffile
+import tqdm
 
 from rf_jax.data import planet
 
@@ -188,6 +190,9 @@ def write_dataset(out_dir, num_chips: int, chip_size: int = 256, seed: int = 0,
     with open(tmp / 'train_v2.csv', 'w', encoding='utf-8', newline='\n') as f:
       f.write('image_name,tags\n')
       f.writelines(f'{n},{_tags_string(r)}\n' for n, r in zip(names, labels))
+    progress = tqdm.tqdm(total=num_chips + num_test, unit='chip',
+                         desc=f'Generating {out_dir.name}', file=sys.stderr,
+                         mininterval=10.0)
     for sub, prefix, labs in (('train-tif-v2', 'train', labels),
                               ('test-tif-v2', 'test', test_labels)):
       if not len(labs):
@@ -199,6 +204,8 @@ def write_dataset(out_dir, num_chips: int, chip_size: int = 256, seed: int = 0,
           chips = to_course(chips)
         for i, chip in enumerate(chips, start):
           write_tif(tmp / sub / f'{prefix}_{i}.tif', chip, layout)
+        progress.update(len(chips))
+    progress.close()
     spec = dict(num_chips=num_chips, chip_size=chip_size, seed=seed,
                 layout=layout, num_test=num_test,
                 label_csv=os.path.basename(label_csv) if label_csv else None)
@@ -220,7 +227,9 @@ def read_spec(out_dir) -> dict | None:
 
 def ensure(out_dir, spec: Spec, layout: str) -> None:
   """Writes the dataset of `spec` into out_dir once; refuses a directory
-  written with other parameters (it would silently train on other data)."""
+  written with other parameters (it would silently train on other data).
+  Not safe to call from two processes at once: prepared.prepare holds a
+  lock around it."""
   out_dir = Path(out_dir)
   want = dict(num_chips=int(spec.num_chips), chip_size=int(spec.chip_size),
               seed=int(spec.seed), layout=layout, num_test=int(spec.num_test),

@@ -2,9 +2,9 @@
 
 A `tfds.core.ShardBasedBuilder` (see PlanetAmazon for why not
 GeneratorBasedBuilder). Builds uncompressed ArrayRecord shards once, in CSV
-order and with no TensorFlow needed, with splits `train`,
-`validation` (the seeded split of `planet.split`) and `test` (when
-`test-tif-v2/` holds chips; labels are all zero there, Kaggle keeps them).
+order and with no TensorFlow needed, with splits `train` and `validation`
+(the seeded split of `planet.split`); the test chips are another dataset
+(`planet_amazon_test`), so they never change, block or rebuild this one.
 Images are stored as raw bytes in R,G,B,NIR order and the file's dtype.
 
 The builder config records where the data came from and how it was split
@@ -21,26 +21,20 @@ split (raw units, exact integer sums) are stored in the dataset's
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import os
-import re
 from pathlib import Path
 
-from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import file_adapters
-from tensorflow_datasets.core import writer as writer_lib
 
 from rf_jax.data import planet
+from rf_jax.data.tfds_planet import chips
 
-FORMAT_VERSION = 1
+# 2: the test chips moved to their own dataset (planet_amazon_test).
+FORMAT_VERSION = 2
 LABELS_FILE = 'train_v2.csv'
 TRAIN_DIR = 'train-tif-v2'
-TEST_DIR = 'test-tif-v2'
-TEST_MAPPING_FILE = 'test_v2_file_mapping.csv'
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -53,24 +47,17 @@ class PlanetConfig(tfds.core.BuilderConfig):
   split_rule: int  # planet.SPLIT_RULE_VERSION
   source_dir: str
   labels_sha256: str
-  num_test_chips: int
-  test_mapping_sha256: str  # '' when there is no test_v2_file_mapping.csv
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _natural_key(path: Path):
-  # test_10 after test_9 (natural order); Kaggle's file_* sort before test_*.
-  match = re.fullmatch(r'(.*?)(\d+)', path.stem)
-  return (match.group(1), int(match.group(2))) if match else (path.stem, -1)
-
-
-def list_test_chips(raw_dir) -> list[Path]:
-  test_dir = Path(raw_dir) / TEST_DIR
-  return sorted(test_dir.glob('*.tif'), key=_natural_key) \
-      if test_dir.is_dir() else []
+def fingerprint(fields: dict) -> str:
+  """A short digest of a config's fields (part of its name)."""
+  return hashlib.sha256(
+      json.dumps([FORMAT_VERSION, fields], sort_keys=True).encode()
+  ).hexdigest()[:12]
 
 
 def source_layout(raw_dir, layout: str) -> tuple[str, int]:
@@ -97,28 +84,21 @@ def make_config(raw_dir, *, layout: str, val_fraction: float,
   fields = dict(layout=layout, chip_size=chip_size,
                 val_fraction=float(val_fraction), split_seed=int(split_seed),
                 split_rule=planet.SPLIT_RULE_VERSION, source_dir=str(raw_dir),
-                labels_sha256=_sha256(labels),
-                num_test_chips=len(list_test_chips(raw_dir)),
-                test_mapping_sha256=(_sha256(raw_dir / TEST_MAPPING_FILE)
-                                     if (raw_dir / TEST_MAPPING_FILE).is_file() else ''))
-  digest = hashlib.sha256(
-      json.dumps([FORMAT_VERSION, fields], sort_keys=True).encode()
-  ).hexdigest()[:12]
+                labels_sha256=sha256(labels))
   val = f'{val_fraction:g}'.replace('.', 'p')
-  name = f'{layout}{chip_size}_val{val}_seed{split_seed}_{digest}'
+  name = f'{layout}{chip_size}_val{val}_seed{split_seed}_{fingerprint(fields)}'
   return PlanetConfig(name=name, version='1.0.0', **fields)
 
 
 def config_record(config: PlanetConfig) -> dict:
   """The config fields stored in the dataset metadata (checked on load)."""
   keys = ('layout', 'chip_size', 'val_fraction', 'split_seed', 'split_rule',
-          'source_dir', 'labels_sha256', 'num_test_chips',
-          'test_mapping_sha256')
+          'source_dir', 'labels_sha256')
   return dict(format_version=FORMAT_VERSION, config_name=config.name,
               **{k: getattr(config, k) for k in keys})
 
 
-class _BandStats:
+class BandStats:
   """Exact per-band mean/std over all pixels of integer chips: sums of x and
   x^2 in int64 per chip, accumulated as Python ints (no overflow, no
   rounding; ~2.5x faster than a float64 two-pass merge)."""
@@ -141,29 +121,7 @@ class _BandStats:
                 std=[float(np.sqrt(v)) for v in var], num_pixels=self.count)
 
 
-class _ArrayRecordWriter(writer_lib.ExampleWriter):
-  """ArrayRecord without compression: TFDS's default (zstd) reads a chip in
-  ~1.1 ms, uncompressed in ~0.3 ms, for ~30% more disk on real chips (they
-  compress to ~77%). Reading is the pipeline's largest per-record cost."""
-
-  OPTIONS = 'group_size:1,uncompressed'
-
-  def write(self, path, examples):
-    writer = array_record_module.ArrayRecordWriter(os.fspath(path),
-                                                   self.OPTIONS)
-    try:
-      for _, serialized in examples:
-        writer.write(serialized)
-    finally:
-      writer.close()
-    return None
-
-
-def _shards(items: list, size: int) -> list[list]:
-  return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-class PlanetAmazon(tfds.core.ShardBasedBuilder):
+class PlanetAmazon(chips.ChipBuilder):
   """Planet: Understanding the Amazon from Space (17 multi-label tags).
 
   A ShardBasedBuilder (the generator-based builder for sources whose order
@@ -178,48 +136,44 @@ class PlanetAmazon(tfds.core.ShardBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Download the Kaggle competition "planet-understanding-the-amazon-from-'
       f'space" and point manual_dir at the folder holding {LABELS_FILE} and '
-      f'{TRAIN_DIR}/ (optionally {TEST_DIR}/). The course layout (8-bit RGBA '
-      'TIFs, same names) works too.')
-  # TFDS keeps a shard's examples in memory while writing it: cap the shard.
-  SHARD_BYTES = 128 << 20
-
-  def _example_writer(self) -> writer_lib.ExampleWriter:
-    if self.info.file_format == file_adapters.FileFormat.ARRAY_RECORD:
-      return _ArrayRecordWriter(self.info.file_format)
-    return super()._example_writer()
+      f'{TRAIN_DIR}/. The course layout (8-bit RGBA TIFs, same names) works '
+      'too.')
+  BAD_CHIPS_FIX = (
+      'Replace these chips with good copies from the download (or delete '
+      f'their rows from {LABELS_FILE}), then run again.')
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
     if not isinstance(config, PlanetConfig):
       raise ValueError('planet_amazon needs a PlanetConfig: use make_config()')
-    dtype = planet.LAYOUT_DTYPES[config.layout]
-    size = config.chip_size
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            # Raw bytes decode ~4x faster than the default tensor encoding.
-            'image': tfds.features.Tensor(shape=(size, size, 4), dtype=dtype,
-                                          encoding='bytes'),
-            'labels': tfds.features.Tensor(shape=(planet.NUM_TAGS,),
-                                           dtype=np.float32),
-            'name': tfds.features.Text(),
-        }),
+        features=chips.chip_features(config.layout, config.chip_size),
         supervised_keys=None,
         homepage='https://www.kaggle.com/c/planet-understanding-the-amazon-from-space',
         disable_shuffling=True,  # CSV order on disk: eval reads in order.
         metadata=tfds.core.MetadataDict(),
     )
 
-  def _shard_iterators_per_split(self, dl_manager):
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    self._stats = BandStats()
+    super()._download_and_prepare(dl_manager, download_config)
+    # TFDS writes the metadata after this, inside the incomplete directory.
+    self.info.metadata['train_stats'] = self._stats.result()
+
+  def _on_chip(self, split: str):
+    return self._stats.add if split == 'train' else None
+
+  def _split_items(self, raw_dir: Path) -> dict[str, list]:
     config = self.builder_config
-    raw_dir = Path(dl_manager.manual_dir).expanduser().resolve()
+    raw_dir = raw_dir.expanduser().resolve()
     if str(raw_dir) != config.source_dir:
       raise planet.PlanetDataError(
           f'{raw_dir}: manual_dir differs from the config source '
           f'{config.source_dir}; make the config with make_config(manual_dir)')
     labels_path = raw_dir / LABELS_FILE
-    if _sha256(labels_path) != config.labels_sha256:
+    if sha256(labels_path) != config.labels_sha256:
       raise planet.PlanetDataError(
           f'{labels_path}: changed since the config was made')
     names, labels = planet.read_labels(labels_path)
@@ -227,66 +181,23 @@ class PlanetAmazon(tfds.core.ShardBasedBuilder):
                                       config.split_seed)
     if not len(train_idx):
       raise planet.PlanetDataError(f'{labels_path}: no training chips')
-    tests = list_test_chips(raw_dir)
-    if len(tests) != config.num_test_chips:
-      raise planet.PlanetDataError(
-          f'{raw_dir / TEST_DIR}: changed since the config was made')
-    mapping = (planet.read_test_mapping(raw_dir / TEST_MAPPING_FILE)
-               if config.test_mapping_sha256 else {})
-    test_names = [mapping.get(p.stem, p.stem) for p in tests]
-    metadata = self.info.metadata
-    metadata.update(config_record(config))
-    metadata['names'] = {
+    self.info.metadata.update(config_record(config))
+    self.info.metadata['names'] = {
         'train': [names[i] for i in train_idx],
         'validation': [names[i] for i in val_idx],
-        'test': test_names,
     }
-    paths = [raw_dir / TRAIN_DIR / f'{n}.tif' for n in names]
-    no_labels = np.zeros(planet.NUM_TAGS, np.float32)
-    items = {
-        'train': [(paths[i], labels[i], names[i]) for i in train_idx],
-        'validation': [(paths[i], labels[i], names[i]) for i in val_idx],
-        'test': [(p, no_labels, n) for p, n in zip(tests, test_names)],
-    }
-    chip_bytes = config.chip_size ** 2 * 4 * planet.LAYOUT_DTYPES[
-        config.layout].itemsize
-    per_shard = max(1, self.SHARD_BYTES // chip_bytes)
-    stats = _BandStats()
-    gens = {}
-    for split_name, split_items in items.items():
-      keyed = list(enumerate(split_items))
-      gens[split_name] = [
-          functools.partial(self._generate_examples, shard,
-                            stats if split_name == 'train' else None)
-          for shard in _shards(keyed, per_shard)]
-    return {k: v for k, v in gens.items() if v}
-
-  def _generate_examples(self, keyed_items, stats: _BandStats | None):
-    config = self.builder_config
-    for key, (path, labels, name) in keyed_items:
-      chip = planet.read_chip(path, config.layout,
-                              expected_size=config.chip_size)
-      if stats is not None:
-        stats.add(chip)
-      yield key, {'image': chip, 'labels': labels, 'name': name}
-    if stats is not None:
-      # The last train shard leaves the complete statistics; TFDS writes the
-      # metadata after all splits, inside the still-incomplete directory.
-      self.info.metadata['train_stats'] = stats.result()
+    items = [(raw_dir / TRAIN_DIR / f'{n}.tif', row, n)
+             for n, row in zip(names, labels)]
+    return {'train': [items[i] for i in train_idx],
+            'validation': [items[i] for i in val_idx]}
 
 
 def load_builder(data_dir, config: PlanetConfig) -> PlanetAmazon:
   """The builder for `config` under `data_dir`; checks a prepared dataset's
   recorded source and split against the config."""
   builder = PlanetAmazon(config=config, data_dir=str(data_dir))
-  if builder.is_prepared():
-    recorded = {k: builder.info.metadata.get(k) for k in config_record(config)}
-    if recorded != config_record(config):
-      raise planet.PlanetDataError(
-          f'{builder.data_dir}: prepared from another source or split '
-          f'(recorded {recorded}, wanted {config_record(config)}); delete it '
-          'or use another prepared_dir')
-    if 'train_stats' not in builder.info.metadata:
-      raise planet.PlanetDataError(
-          f'{builder.data_dir}: prepared dataset lacks train_stats; delete it')
+  chips.check_recorded(builder, config_record(config))
+  if builder.is_prepared() and 'train_stats' not in builder.info.metadata:
+    raise planet.PlanetDataError(
+        f'{builder.data_dir}: prepared dataset lacks train_stats; delete it')
   return builder
