@@ -4,12 +4,14 @@ Examples:
   rf-jax --config demo --workdir runs/demo        # synthetic demo (configs/demo.py), end to end
   rf-jax --config dual --workdir runs/dual --config.data.raw_dir=/data/planet
   rf-jax --mode evaluate --workdir runs/dual                      # the run's own saved config
+  rf-jax --mode predict --workdir runs/dual --chips '/data/new/*.tif'   # any chips -> CSV
   rf-jax --mode compare --compare runs/rgb,runs/rgbir,runs/dual --workdir runs/comparison
 
 Modes: `train`; `evaluate` (restore the best epoch, recompute the validation scores, reproduction
-check, metrics and report); `predict` (Kaggle submission for the test chips); `compare`
-(side by side of the --compare workdirs, written into --workdir); `all` (default): train,
-evaluate, and predict when the dataset has test chips. Every config key, with its meaning, is in
+check, metrics and report); `predict` (Kaggle submission for the test chips); `export` (the best
+epoch's variables as msgpack and safetensors, with tags and band statistics); `compare` (side by
+side of the --compare workdirs, written into --workdir); `all` (default): train, evaluate, and
+predict when the dataset has test chips. Every config key, with its meaning, is in
 configs/default.py; override one with --config.<key>=<value> (e.g. --config.num_epochs=10).
 `python -m rf_jax.main` is the same program as `rf-jax`.
 """
@@ -26,19 +28,23 @@ from ml_collections import config_flags
 from rf_jax import comparison
 from rf_jax import config_checks
 from rf_jax import evaluate
+from rf_jax import export
 from rf_jax import inputs
 from rf_jax import provenance
 from rf_jax import submission
 from rf_jax import train
+from rf_jax import chip_scores
 from rf_jax import cli
 from rf_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, history, evaluation.')
-flags.DEFINE_enum('mode', 'all', ['all', 'train', 'evaluate', 'predict', 'compare'],
+flags.DEFINE_enum('mode', 'all', ['all', 'train', 'evaluate', 'predict', 'export', 'compare'],
                   'What to do in the workdir.')
 flags.DEFINE_list('compare', [], 'Workdirs to compare side by side (--mode compare).')
+flags.DEFINE_string('chips', None, '--mode predict: score these chips (a directory of .tif '
+                    'chips or a glob) into <workdir>/chip_scores.csv instead of the test split.')
 flags.DEFINE_list('allow_config_change', [],
                   'Config keys that may differ from the run being resumed (one of '
                   f'{", ".join(config_checks.CHANGEABLE_KEYS)}); the change is recorded in '
@@ -53,8 +59,11 @@ config_flags.DEFINE_config_file('config', None, 'A get_config() file, e.g. confi
                                 lock_config=True)
 
 
-def run(mode: str, config, workdir: str, allow_config_change=()) -> None:
+def run(mode: str, config, workdir: str, allow_config_change=(), chips=None) -> None:
   """The study's modes; `all` prepares the dataset once for training, evaluation and submission."""
+  if mode == 'predict' and chips:
+    chip_scores.predict_chips(config, workdir, chips)
+    return
   data = None
   if mode == 'all':
     config_checks.check(config)
@@ -63,8 +72,10 @@ def run(mode: str, config, workdir: str, allow_config_change=()) -> None:
     train.train_and_evaluate(config, workdir, data, allow_config_change)
   if mode in ('evaluate', 'all'):
     evaluate.evaluate(config, workdir, data)
-  if mode == 'predict' or (mode == 'all' and data.test is not None):
+  if mode == 'predict' or (mode == 'all' and data.has_test):
     submission.predict_test(config, workdir, data)
+  if mode == 'export':
+    export.export(config, workdir)
 
 
 def _initialise_processes() -> None:
@@ -93,14 +104,14 @@ def main(argv):
       return
     config = FLAGS.config
     if config is None:
-      if FLAGS.mode not in ('evaluate', 'predict'):
+      if FLAGS.mode not in ('evaluate', 'predict', 'export'):
         raise app.UsageError('--config is required to train, e.g. --config configs/dual.py')
       config = provenance.saved_config(wd)
     _initialise_processes()
     chief = jax.process_index() == 0  # the workdir's lock and log belong to process 0
     with (workdir_lib.locked(wd) if chief else contextlib.nullcontext(),
           workdir_lib.logged_output(wd) if chief else contextlib.nullcontext()):
-      run(FLAGS.mode, config, FLAGS.workdir, tuple(FLAGS.allow_config_change))
+      run(FLAGS.mode, config, FLAGS.workdir, tuple(FLAGS.allow_config_change), FLAGS.chips)
 
 
 def run_cli():

@@ -12,6 +12,8 @@
       eval/               predictions.npz, metrics.json
       report/             report.md and its figures
       submission.csv      Kaggle submission for the test chips
+      chip_scores.csv     per-tag scores and tags of any chips (--mode predict --chips)
+      export/             model.msgpack and model.safetensors of the best epoch (--mode export)
       synthetic/          a generated dataset (configs with data.synthetic.num_chips > 0)
       prepared/           its prepared TFDS copy
 
@@ -60,6 +62,8 @@ class Workdir:
   report_dir = property(lambda self: self.root / 'report')
   report = property(lambda self: self.report_dir / 'report.md')
   submission = property(lambda self: self.root / 'submission.csv')
+  export_dir = property(lambda self: self.root / 'export')
+  chip_scores = property(lambda self: self.root / 'chip_scores.csv')
   synthetic = property(lambda self: self.root / 'synthetic')
   prepared = property(lambda self: self.root / 'prepared')
 
@@ -145,9 +149,13 @@ def logged_output(wd: Workdir):
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: pathlib.Path, data: bytes) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   os.replace(tmp, path)
 
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import unittest.mock
 
 import numpy as np
@@ -50,10 +51,14 @@ def cli_flags(config) -> list[str]:
           '--config.eval_batch_size=16', f'--config.num_epochs={config.num_epochs}']
 
 
+# Every invocation may append to the run's log and takes its lock: neither is a result.
+NOT_RESULTS = ('log.txt', '.lock')
+
+
 def tree_digest(root: pathlib.Path) -> dict:
   """{relative path: sha256} of every file under `root` (what 'not damaged' compares)."""
   return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob('*')) if p.is_file()}
+          for p in sorted(root.rglob('*')) if p.is_file() and p.name not in NOT_RESULTS}
 
 
 def assert_user_error(error: BaseException, *patterns: str) -> None:
@@ -151,7 +156,7 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
           ['--config', str(tmp / 'no_such_config.py'), '--workdir', str(tmp / 'w_cfg')], {},
           ['no_such_config.py', 'No such file']),
       'weights file missing': (
-          base + [f'--config.model.weights={weights / "nope.msgpack"}'] + fresh('w_wmissing'), {},
+          base + [f'--config.model.weights={weights_dir / "nope.msgpack"}'] + fresh('w_wmissing'), {},
           ['nope.msgpack', 'not found', 'port_weights.py', "weights=''"]),
       'weights file truncated': (
           base + [f'--config.model.weights={truncated}'] + fresh('w_wtrunc'), {},
@@ -168,6 +173,32 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
       'workdir not writable': (  # root ignores permissions; a path under a regular file fails for all
           base + fresh('a_file/run'), {},
           [re.escape(str(a_file / 'run')), 'not writable', 'Not a directory', '--workdir']),
+      'workdir is a file': (
+          base + ['--workdir', str(a_file), '--mode', 'train'], {},
+          [re.escape(str(a_file)), 'is a file, not a directory', '--workdir']),
+      'resumed with another config': (
+          base + ['--config.optim.lr=0.01', '--config.batch_size=4', '--workdir', str(workdir),
+                  '--mode', 'train'], {},
+          [re.escape(str(workdir)), r'config\.batch_size: the run has 8, this config has 4',
+           r'config\.optim\.lr: the run has 0\.005, this config has 0\.01', 'another --workdir']),
+      'evaluated on another split': (
+          base + ['--config.data.val_fraction=0.5', '--workdir', str(workdir), '--mode',
+                  'evaluate'], {},
+          [re.escape(str(workdir)), r'config\.data\.val_fraction: the run has 0\.33, this '
+           r'config has 0\.5']),
+      'a change that cannot be allowed': (
+          base + ['--config.batch_size=4', '--allow_config_change=batch_size', '--workdir',
+                  str(workdir), '--mode', 'train'], {},
+          ['--allow_config_change=batch_size', 'only num_epochs', 'another --workdir']),
+      'a config key given as a flag': (
+          base + ['--num_epochs=1'] + fresh('w_flag'), {},
+          ["Unknown command line flag 'num_epochs'", r'--config\.num_epochs']),
+      'a missing JAX backend': (
+          base + fresh('w_backend'), {'JAX_PLATFORMS': 'cuda'},
+          ['could not start the cuda backend', 'JAX_PLATFORMS=cpu']),
+      'crop larger than the chips': (
+          base + ['--config.data.crop_size=200'] + fresh('w_crop'), {},
+          [r'config\.data\.crop_size=200 exceeds the 128 px chips', r'--config\.data\.crop_size=128']),
   }
 
 
@@ -206,7 +237,10 @@ CLI_CASES = ['missing data directory', 'CSV with a wrong header', 'truncated chi
              'unknown config key', 'bad value type', 'batch not divisible by the devices',
              'missing config file', 'weights file missing', 'weights file truncated',
              'checkpoint of another model (evaluate)',
-             'evaluate before training', 'workdir not writable', 'prepared_dir not writable']
+             'evaluate before training', 'workdir not writable', 'prepared_dir not writable',
+             'workdir is a file', 'resumed with another config', 'evaluated on another split',
+             'a change that cannot be allowed', 'a config key given as a flag',
+             'a missing JAX backend', 'crop larger than the chips']
 
 
 @pytest.mark.parametrize('case', CLI_CASES)
@@ -221,6 +255,48 @@ def test_cli_errors_damage_nothing_written_before(cli_results, trained):
   assert {k: v for k, v in after[1].items() if k in before[1]} == before[1]
   _, workdir, _ = trained
   assert not list(workdir.rglob('*' + checkpoints.TMP_MARKER + '*'))
+
+
+def test_a_second_process_in_a_running_workdir_is_refused(trained, tmp_path):
+  config, _, _ = trained
+  workdir = tmp_path / 'busy'
+  argv = [sys.executable, '-m', 'rf_jax.main', *cli_flags(config), '--workdir', str(workdir),
+          '--mode', 'train']
+  first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    lock = workdir / '.lock'
+    for _ in range(600):  # the first run holds the lock from its start
+      if lock.is_file() and lock.read_text().strip():
+        break
+      assert first.poll() is None, 'the first run ended before it could be refused company'
+      time.sleep(0.1)
+    second = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_cli_error(second, re.escape(str(workdir)), f'in use by rf_jax pid {first.pid}',
+                     'another --workdir')
+  finally:
+    first.kill()
+    first.wait()
+  # The kernel released the killed holder's lock: the workdir is usable again at once.
+  third = subprocess.run(argv[:-2] + ['--mode', 'evaluate'], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+  assert 'in use by' not in third.stderr
+
+
+def test_a_finished_training_says_so(trained, tmp_path, capsys):
+  config, workdir, _ = trained
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  train.train_and_evaluate(config, tmp_path)
+  assert 'is already trained to epoch 1 (step 5); nothing to do' in capsys.readouterr().out
+
+
+def test_configs_load_from_any_directory(tmp_path):
+  """A config file imports the default config from the package, not from the checkout."""
+  for config in (str(REPO / 'configs' / 'demo.py'), 'dual'):
+    done = subprocess.run(
+        [sys.executable, '-m', 'rf_jax.main', '--config', config, '--workdir',
+         str(tmp_path / 'never_trained'), '--mode', 'evaluate'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_cli_error(done, 'No checkpoints in', 'train first')
 
 
 # --- data files, through inputs.prepare (what every mode calls first) -------------------
@@ -322,9 +398,6 @@ def test_interrupted_tfds_build_is_ignored_and_rebuilt(synthetic_kaggle_dir, tra
   np.testing.assert_array_equal(data.train[7]['image'], reference.train[7]['image'])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'data room: prepared.open_prepared lets array_record\'s RuntimeError("open() failed ...") '
-    'escape; it should raise PlanetDataError naming the directory and saying to delete it'))
 def test_prepared_dataset_missing_a_shard_is_named(synthetic_kaggle_dir, trained, tmp_path):
   prepared = tmp_path / 'prepared'
   shutil.copytree(trained[0].data.prepared_dir, prepared)

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -24,6 +25,7 @@ def trained(tmp_path_factory, synthetic_kaggle_dir):
   config = demo.get_config()
   config.model.name = 'rgb'
   config.data.raw_dir = str(synthetic_kaggle_dir)
+  config.data.prepared_dir = str(tmp_path_factory.mktemp('prepared'))
   config.data.synthetic.num_chips = 0
   config.data.crop_size = 96
   config.data.eval_size = 96
@@ -131,3 +133,90 @@ def test_evaluating_an_empty_workdir_says_train_first(trained, tmp_path):
   config, _, _ = trained
   with pytest.raises(checkpoints.CheckpointError, match='train first'):
     evaluate.evaluate(config, tmp_path)
+
+
+def test_export_holds_the_best_variables_tags_and_statistics(trained):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  from rf_jax import export  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = trained
+  msgpack, tensors = export.export(config, workdir)
+  restored = checkpoints.restore_for_evaluation(Workdir(workdir).checkpoints)
+  want = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(
+              {'params': restored.state['params'],
+               'batch_stats': restored.state['batch_stats']})[0]}
+  got = load_file(str(tensors))
+  assert sorted(got) == sorted(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+  with safe_open(str(tensors), 'np') as f:
+    meta = json.loads(f.metadata()['rf_jax'])
+  provenance = json.loads(Workdir(workdir).provenance.read_text())['dataset']
+  assert meta['tags'] == list(planet.TAGS) and meta['model'] == 'rgb'
+  assert meta['band_mean'] == provenance['mean'] and meta['band_std'] == provenance['std']
+  assert meta['step'] == restored.step and meta['input_bands'] == [0, 1, 2]
+  payload = serialization.msgpack_restore(msgpack.read_bytes())
+  np.testing.assert_array_equal(payload['variables']['params']['fc']['kernel'],
+                                want['params/fc/kernel'])
+  assert payload['meta'] == meta
+
+
+@pytest.mark.parametrize('layout', ['kaggle', 'course'])
+def test_predict_any_chips_equals_evaluate(layout, trained, tmp_path_factory):
+  """--mode predict --chips on the validation chips' own files gives evaluate's scores."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from rf_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = trained
+  if layout == 'course':  # a course-layout run of its own: 8-bit chips, the course's statistics
+    raw = synthetic.write_dataset(tmp_path_factory.mktemp('course') / 'raw', 60, 128, seed=0,
+                                  layout='course')
+    config = config.copy_and_resolve_references()
+    config.data.raw_dir, config.data.prepared_dir = str(raw), ''
+    workdir = tmp_path_factory.mktemp('course_run')
+    config.data.prepared_dir = str(workdir / 'prepared')
+    train.train_and_evaluate(config, workdir)
+    evaluate.evaluate(config, workdir)
+  with np.load(Workdir(workdir).predictions) as saved:
+    names, want = list(saved['names']), saved['scores']
+  chips = tmp_path_factory.mktemp(f'chips_{layout}')
+  for name in names:
+    shutil.copy(pathlib.Path(config.data.raw_dir) / 'train-tif-v2' / f'{name}.tif', chips)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, '-m', 'rf_jax.main', '--mode', 'predict', '--workdir',
+                         str(workdir), '--chips', str(chips)],
+                        cwd=repo, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(Workdir(workdir).chip_scores, newline='') as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ['image_name', *planet.TAGS, 'tags']
+  got = {r[0]: np.asarray(r[1:-1], np.float32) for r in rows[1:]}
+  assert sorted(got) == sorted(names)
+  for name, scores in zip(names, want):
+    np.testing.assert_array_equal(got[name], scores, err_msg=name)  # identical, not close
+
+
+def test_a_run_evaluates_after_its_prepared_dataset_is_deleted(trained, tmp_path):
+  """The workdir holds the config and statistics: evaluation prepares the data again."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = trained
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  prepared_copy = tmp_path / 'prepared'
+  shutil.copytree(config.data.prepared_dir, prepared_copy)
+  shutil.rmtree(config.data.prepared_dir)
+  try:
+    done = subprocess.run([sys.executable, '-m', 'rf_jax.main', '--mode', 'evaluate',
+                           '--workdir', str(run)],  # no --config: the run's own
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'REPRODUCED exactly' in done.stdout, done.stdout
+  finally:  # the module's other tests read the prepared dataset
+    shutil.rmtree(config.data.prepared_dir, ignore_errors=True)
+    shutil.copytree(prepared_copy, config.data.prepared_dir)
