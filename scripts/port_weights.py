@@ -9,64 +9,89 @@
 --src .pth/.pt is read with torch.load(weights_only=True) only: a pickle holding code is refused.
 --src .safetensors needs no torch. --torchvision downloads IMAGENET1K_V1 through torchvision (network).
 The output is a msgpack file (flax.serialization) plus `<out>.sha256`, checked on every load
-(rf_jax.models.port.load_weights_file). Exit status: 0 ok, 1 verification failed, 2 bad input.
+(rf_jax.weights.load_weights_file). Exit status: 0 ok, 1 verification failed, 2 bad input.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import re
 import sys
 from pathlib import Path
 
+from absl import app
+from absl import flags
 import numpy as np
 
-from rf_jax.models import port
+from rf_jax import weights
+
+_SRC = flags.DEFINE_string('src', None,
+                           'a torchvision ResNet-18 state dict (.pth/.pt/.safetensors)')
+_TORCHVISION = flags.DEFINE_enum('torchvision', None, ['resnet18'],
+                                 'download the ImageNet weights through torchvision (network)')
+_OUT = flags.DEFINE_string('out', None, 'the Flax weights file to write (.msgpack)')
+_VERIFY = flags.DEFINE_bool('verify', False,
+                            'compare Flax and torchvision logits on random inputs (needs torch)')
+_VERIFY_SIZE = flags.DEFINE_integer('verify_size', 224, 'input size for --verify')
+_VERIFY_BATCH = flags.DEFINE_integer('verify_batch', 2, 'batch size for --verify')
+_TOLERANCE = flags.DEFINE_float('tolerance', 1e-4,
+                                'largest max |logit difference| --verify accepts')
+
+USAGE = 'usage: python scripts/port_weights.py (--src FILE | --torchvision resnet18) --out FILE'
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument('--src', type=Path, help='a torchvision ResNet-18 state dict (.pth/.pt/.safetensors)')
-  src.add_argument('--torchvision', choices=['resnet18'],
-                   help='download the ImageNet weights through torchvision (needs a network)')
-  p.add_argument('--out', type=Path, required=True, help='the Flax weights file to write (.msgpack)')
-  p.add_argument('--verify', action='store_true',
-                 help='compare Flax and torchvision logits on random inputs (needs torch)')
-  p.add_argument('--verify-size', type=int, default=224, help='input size for --verify (224)')
-  p.add_argument('--verify-batch', type=int, default=2, help='batch size for --verify (2)')
-  p.add_argument('--tolerance', type=float, default=1e-4,
-                 help='largest max |logit difference| --verify accepts (1e-4)')
-  return p
+class UsageError(ValueError):
+  """Flags that do not say what to port, or ask for what this installation cannot do."""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (for app.run), a mistake one `error:` line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {" ".join(str(e).split())} ({USAGE})', file=sys.stderr)
+    sys.exit(2)
+
+
+def _torchvision(why: str):
+  try:
+    import torchvision  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UsageError(f'{why} needs torch and torchvision: pip install torch torchvision, '
+                     f'or port a downloaded .safetensors file with --src (no torch '
+                     f'needed)') from None
+  return torchvision
 
 
 def _from_torchvision(arch: str) -> tuple[dict, dict]:
-  import torchvision  # pylint: disable=g-import-not-at-top
-  weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
-  model = torchvision.models.get_model(arch, weights=weights)
-  sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  return sd, {'source': f'torchvision {arch} {weights}', 'url': weights.url,
-              'torchvision': torchvision.__version__}
+  torchvision = _torchvision(f'--torchvision {arch}')
+  tv_weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+  model = torchvision.models.get_model(arch, weights=tv_weights)
+  state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+  return state_dict, {'source': f'torchvision {arch} {tv_weights}', 'url': tv_weights.url,
+                      'torchvision': torchvision.__version__}
 
 
 def _from_file(src: Path) -> tuple[dict, dict]:
-  digest = port.sha256_of(src)
+  digest = weights.sha256_of(src)
   # torch hub names carry the first hex digits of the file's SHA-256 (resnet18-f37072fd.pth).
   m = re.search(r'-([0-9a-f]{8,64})\.[a-z]+$', src.name)
   if m and not digest.startswith(m.group(1)):
-    raise port.WeightsFileError(
-        f'{src.name}: its name says SHA-256 {m.group(1)}..., the file has {digest[:len(m.group(1))]}...'
-        f'; the download is corrupt or the file is not what its name says')
-  return port.read_state_dict(src), {'source': src.name, 'source_sha256': digest}
+    raise weights.WeightsFileError(
+        f'{src.name}: its name says SHA-256 {m.group(1)}..., the file has '
+        f'{digest[:len(m.group(1))]}...; the download is corrupt or the file is not what its name says')
+  try:
+    state_dict = weights.read_state_dict(src)
+  except ModuleNotFoundError as e:  # torch for a .pth, safetensors for a .safetensors
+    raise UsageError(str(e)) from None
+  return state_dict, {'source': src.name, 'source_sha256': digest}
 
 
 def verify(state_dict: dict, variables: dict, size: int, batch: int) -> float:
   """Max |logit difference| between torchvision and Flax on random N(0, 1) inputs."""
+  torchvision = _torchvision('--verify')
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
   from rf_jax.models.resnet import ResNet18  # pylint: disable=g-import-not-at-top
 
   num_classes = np.shape(variables['params']['fc']['kernel'])[-1]
@@ -81,32 +106,45 @@ def verify(state_dict: dict, variables: dict, size: int, batch: int) -> float:
   return float(np.abs(np.asarray(out) - ref).max())
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+def _check_flags(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise UsageError(f'unexpected arguments {" ".join(argv[1:])!r} ({USAGE})')
+  if (_SRC.value is None) == (_TORCHVISION.value is None):
+    raise UsageError(f'give exactly one of --src and --torchvision ({USAGE})')
+  if not _OUT.value:
+    raise UsageError(f'--out is required ({USAGE})')
+
+
+def _port_and_verify(out: Path) -> int:
+  if _TORCHVISION.value:
+    state_dict, meta = _from_torchvision(_TORCHVISION.value)
+  else:
+    state_dict, meta = _from_file(Path(_SRC.value))
+  variables = weights.torchvision_to_flax(state_dict)
+  meta['ported'] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  digest = weights.save_weights_file(variables, out, meta)
+  print(f'wrote {out} (sha256 {digest}, recorded in {out.name}.sha256)')
+  if not _VERIFY.value:
+    return 0
+  reloaded = weights.load_weights_file(out)  # verify what was written, SHA check included
+  diff = verify(state_dict, reloaded, _VERIFY_SIZE.value, _VERIFY_BATCH.value)
+  ok = diff <= _TOLERANCE.value
+  print(f'verify: max |logit difference| Flax vs torchvision = {diff:.3g} on '
+        f'{_VERIFY_BATCH.value} random {_VERIFY_SIZE.value}x{_VERIFY_SIZE.value} inputs '
+        f'({"OK" if ok else "FAILED"}, tolerance {_TOLERANCE.value:g})')
+  return 0 if ok else 1
+
+
+def main(argv: list[str]) -> int:
+  """Runs on parsed flags (app.run); `argv` is what flag parsing left, the program first."""
   try:
-    if args.torchvision:
-      state_dict, meta = _from_torchvision(args.torchvision)
-    else:
-      state_dict, meta = _from_file(args.src)
-    variables = port.torchvision_to_flax(state_dict)
-    meta['ported'] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-    digest = port.save_weights_file(variables, args.out, meta)
-    print(f'wrote {args.out} (sha256 {digest}, recorded in {args.out.name}.sha256)')
-    if args.verify:
-      reloaded = port.load_weights_file(args.out)  # verify what was written, SHA check included
-      diff = verify(state_dict, reloaded, args.verify_size, args.verify_batch)
-      ok = diff <= args.tolerance
-      print(f'verify: max |logit difference| Flax vs torchvision = {diff:.3g} on '
-            f'{args.verify_batch} random {args.verify_size}x{args.verify_size} inputs '
-            f'({"OK" if ok else "FAILED"}, tolerance {args.tolerance:g})')
-      if not ok:
-        return 1
-  except (port.UnsafeCheckpointError, port.WeightsMismatchError, port.WeightsFileError,
-          FileNotFoundError) as e:
+    _check_flags(argv)
+    return _port_and_verify(Path(_OUT.value))
+  except (UsageError, weights.UnsafeCheckpointError, weights.WeightsMismatchError,
+          weights.WeightsFileError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main, flags_parser=parse_flags)
