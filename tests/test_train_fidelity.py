@@ -2,21 +2,21 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 torch = pytest.importorskip('torch')
-torchvision = pytest.importorskip('torchvision')
+pytest.importorskip('torchvision')  # torch_models builds torchvision's ResNet-18
 
-from configs import default  # pylint: disable=g-bad-import-order
-from rf_jax import train
+from rf_jax import steps  # pylint: disable=g-bad-import-order
+from rf_jax.benchmark import torch_models
+from rf_jax.configs import default
 from rf_jax.models import port
 from rf_jax.models import resnet
 
 BATCH, SIZE, TAGS, LR, MOMENTUM = 8, 96, 17, 0.005, 0.9
-STEPS_PER_EPOCH = 10
+DECAY_EPOCHS, DECAY_RATE, STEPS_PER_EPOCH = 10, 0.3, 10
 
 
 def _torch_state(model) -> dict:
@@ -35,7 +35,7 @@ def _relative(a, b) -> float:
 def _two_steps(dtype):
   """Two SGD steps of each framework from identical weights on the same two batches."""
   torch.manual_seed(0)
-  net = torchvision.models.resnet18(num_classes=TAGS)
+  net = torch_models.torch_model('rgb')
   net.train()
   with torch.no_grad():  # non-trivial running statistics, as a pretrained trunk has
     for _ in range(2):
@@ -47,12 +47,12 @@ def _two_steps(dtype):
 
   variables = port.torchvision_to_flax(_torch_state(net))
   model = resnet.ResNet18(num_classes=TAGS, dtype=dtype, param_dtype=dtype)
-  config = ml_collections.ConfigDict({'optim': {'lr': LR, 'decay_epochs': 10, 'decay_rate': 0.3}})
-  state = train.TrainState.create(
+  lr_fn = steps.create_learning_rate_fn(LR, DECAY_EPOCHS, DECAY_RATE, STEPS_PER_EPOCH)
+  state = steps.TrainState.create(
       apply_fn=model.apply, params=jax.tree.map(lambda a: jnp.asarray(a, dtype), variables['params']),
       batch_stats=jax.tree.map(lambda a: jnp.asarray(a, dtype), variables['batch_stats']),
-      tx=optax.sgd(train.create_learning_rate_fn(config, STEPS_PER_EPOCH), momentum=MOMENTUM))
-  step = jax.jit(train.train_step)
+      tx=optax.sgd(lr_fn, momentum=MOMENTUM))
+  step = jax.jit(steps.train_step)
   flax_states, flax_losses = [jax.device_get(state)], []
   for batch in batches:
     state, loss = step(state, batch)
@@ -179,7 +179,8 @@ def _feature_area(name: str) -> int:
 
 def test_learning_rate_of_every_epoch_equals_step_lr():
   config = default.get_config()
-  lr_fn = train.create_learning_rate_fn(config, STEPS_PER_EPOCH)
+  lr_fn = steps.create_learning_rate_fn(config.optim.lr, config.optim.decay_epochs,
+                                        config.optim.decay_rate, STEPS_PER_EPOCH)
   optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.optim.lr)
   scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.optim.decay_epochs,
                                               gamma=config.optim.decay_rate)
