@@ -190,22 +190,21 @@ def write_dataset(out_dir, num_chips: int, chip_size: int = 256, seed: int = 0,
     with open(tmp / 'train_v2.csv', 'w', encoding='utf-8', newline='\n') as f:
       f.write('image_name,tags\n')
       f.writelines(f'{n},{_tags_string(r)}\n' for n, r in zip(names, labels))
-    progress = tqdm.tqdm(total=num_chips + num_test, unit='chip',
-                         desc=f'Generating {out_dir.name}', file=sys.stderr,
-                         mininterval=10.0)
-    for sub, prefix, labs in (('train-tif-v2', 'train', labels),
-                              ('test-tif-v2', 'test', test_labels)):
-      if not len(labs):
-        continue
-      (tmp / sub).mkdir()
-      for start in range(0, len(labs), CHUNK):
-        chips = render_chips(labs[start:start + CHUNK], chip_size, rng, noise)
-        if layout == 'course':
-          chips = to_course(chips)
-        for i, chip in enumerate(chips, start):
-          write_tif(tmp / sub / f'{prefix}_{i}.tif', chip, layout)
-        progress.update(len(chips))
-    progress.close()
+    with tqdm.tqdm(total=num_chips + num_test, unit='chip',
+                   desc=f'Generating {out_dir.name}', file=sys.stderr,
+                   mininterval=10.0) as progress:
+      for sub, prefix, labs in (('train-tif-v2', 'train', labels),
+                                ('test-tif-v2', 'test', test_labels)):
+        if not len(labs):
+          continue
+        (tmp / sub).mkdir()
+        for start in range(0, len(labs), CHUNK):
+          chips = render_chips(labs[start:start + CHUNK], chip_size, rng, noise)
+          if layout == 'course':
+            chips = to_course(chips)
+          for i, chip in enumerate(chips, start):
+            write_tif(tmp / sub / f'{prefix}_{i}.tif', chip, layout)
+          progress.update(len(chips))
     spec = dict(num_chips=num_chips, chip_size=chip_size, seed=seed,
                 layout=layout, num_test=num_test,
                 label_csv=os.path.basename(label_csv) if label_csv else None)

@@ -28,7 +28,7 @@ from rf_jax.data import planet
 
 # How many bad chips the error message names (the listing file has them all).
 SHOWN_BAD_CHIPS = 20
-# Seconds between progress updates: one line per update when stderr is a file.
+# Seconds between progress updates (a log file gets one per interval).
 PROGRESS_INTERVAL_S = 10.0
 
 
@@ -115,34 +115,32 @@ class ChipBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     return super()._example_writer()
 
   def _chip_shards(self, items: list, on_chip=None) -> list:
-    """Shard generators over `items` [(path, labels, name)], keyed by their
-    position; `on_chip(chip)` sees each good chip (statistics)."""
+    """Shard generators over `items` [(position, path, labels, name)];
+    `on_chip(chip)` sees each good chip (statistics)."""
     config = self.builder_config
     chip_bytes = config.chip_size ** 2 * 4 * planet.LAYOUT_DTYPES[
         config.layout].itemsize
-    keyed = list(enumerate(items, self._num_listed))
-    self._num_listed += len(items)
     return [functools.partial(self._generate_examples, shard, on_chip)
-            for shard in shards(keyed, max(1, self.SHARD_BYTES // chip_bytes))]
+            for shard in shards(items, max(1, self.SHARD_BYTES // chip_bytes))]
 
-  def _generate_examples(self, keyed_items, on_chip):
+  def _generate_examples(self, items, on_chip):
     config = self.builder_config
-    for key, (path, labels, name) in keyed_items:
+    for position, path, labels, name in items:
       try:
         chip = planet.read_chip(path, config.layout,
                                 expected_size=config.chip_size)
       except planet.PlanetDataError as e:
-        self._failures.append((key, e))
+        self._failures.append((position, e))
         continue
       finally:
         self._progress.update()
       if on_chip is not None:
         on_chip(chip)
       if not self._failures:  # After a bad chip the rest is only checked.
-        yield key, {'image': chip, 'labels': labels, 'name': name}
+        yield position, {'image': chip, 'labels': labels, 'name': name}
 
   def _download_and_prepare(self, dl_manager, download_config=None):
-    self._failures, self._num_listed, self._progress = [], 0, None
+    self._failures, self._progress = [], None
     try:
       super()._download_and_prepare(dl_manager, download_config)
     finally:
@@ -152,7 +150,7 @@ class ChipBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     if self._failures:
       errors = [e for _, e in sorted(self._failures, key=lambda f: f[0])]
       listing.write_text(''.join(f'{e}\n' for e in errors))
-      raise bad_chips_error(errors, self._num_listed, listing,
+      raise bad_chips_error(errors, self._progress.total, listing,
                             self.BAD_CHIPS_FIX)
     listing.unlink(missing_ok=True)  # Left by an earlier build: now fixed.
 
@@ -166,7 +164,9 @@ class ChipBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
             for split, items in split_items.items() if items}
 
   def _split_items(self, raw_dir: Path) -> dict[str, list]:
-    """{split: [(path, labels, name)]} of the raw directory (metadata set)."""
+    """{split: [(position, path, labels, name)]} of the raw directory, where
+    position orders the chips as the raw directory lists them (CSV rows,
+    files); sets the metadata."""
     raise NotImplementedError
 
   def _on_chip(self, split: str):

@@ -186,8 +186,8 @@ class PlanetAmazon(chips.ChipBuilder):
         'train': [names[i] for i in train_idx],
         'validation': [names[i] for i in val_idx],
     }
-    items = [(raw_dir / TRAIN_DIR / f'{n}.tif', row, n)
-             for n, row in zip(names, labels)]
+    items = [(i, raw_dir / TRAIN_DIR / f'{n}.tif', row, n)
+             for i, (n, row) in enumerate(zip(names, labels))]
     return {'train': [items[i] for i in train_idx],
             'validation': [items[i] for i in val_idx]}
 

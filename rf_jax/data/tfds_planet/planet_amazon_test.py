@@ -114,7 +114,8 @@ class PlanetAmazonTest(chips.ChipBuilder):
     self.info.metadata.update(config_record(config))
     self.info.metadata['names'] = {'test': names}
     no_labels = np.zeros(planet.NUM_TAGS, np.float32)
-    return {'test': [(p, no_labels, n) for p, n in zip(paths, names)]}
+    return {'test': [(i, p, no_labels, n)
+                     for i, (p, n) in enumerate(zip(paths, names))]}
 
 
 def load_test_builder(data_dir, config: TestConfig) -> PlanetAmazonTest:
