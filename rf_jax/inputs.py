@@ -4,11 +4,16 @@ Training and evaluation read the same dataset, batches and transforms through th
 functions, so a key of `config.data` is interpreted in one place.
 """
 
+import functools
+
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from rf_jax import workdir as workdir_lib
 from rf_jax.data import pipeline
+from rf_jax.data import planet
 from rf_jax.data import prepared
 from rf_jax.data import synthetic
 from rf_jax.models import registry
@@ -18,7 +23,12 @@ DEFAULT_PREPARED_DIR = '~/tensorflow_datasets'
 
 
 def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepared.PlanetData:
-  """The prepared dataset of `config.data` (generated and prepared on first use)."""
+  """The prepared dataset of `config.data` (generated and prepared on first use).
+
+  With several JAX processes, process 0 prepares while the others wait at a barrier, then
+  they open its dataset; without a shared file system each host then prepares its own copy
+  (processes on one host take turns through the dataset's lock file).
+  """
   data = config.data
   spec = None
   raw_dir, prepared_dir = data.raw_dir, data.prepared_dir or DEFAULT_PREPARED_DIR
@@ -27,9 +37,25 @@ def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepa
     spec = synthetic.Spec(num_chips=s.num_chips, chip_size=s.chip_size, num_test=s.num_test,
                           seed=s.seed)
     raw_dir, prepared_dir = data.raw_dir or wd.synthetic, data.prepared_dir or wd.prepared
-  return prepared.prepare(raw_dir, prepared_dir, layout=data.layout,
-                          val_fraction=data.val_fraction, split_seed=data.split_seed,
-                          synthetic=spec)
+  prepare_here = functools.partial(
+      prepared.prepare, raw_dir, prepared_dir, layout=data.layout,
+      val_fraction=data.val_fraction, split_seed=data.split_seed, synthetic=spec)
+  if jax.process_count() == 1:
+    return prepare_here()
+  dataset, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      dataset = prepare_here()
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e  # raised after the barrier: no process is left waiting for ever
+  # The barrier, which also tells every process whether process 0 succeeded.
+  failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+  if failure is not None:
+    raise failure
+  if failed:
+    raise planet.PlanetDataError(
+        f'process 0 could not prepare {raw_dir} into {prepared_dir}: see its error')
+  return dataset if dataset is not None else prepare_here()
 
 
 def train_loader(config: ml_collections.ConfigDict, data: prepared.PlanetData):
