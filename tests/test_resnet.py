@@ -1,4 +1,4 @@
-"""The Flax ResNet-18 against torchvision's, with weights ported by models/port.py.
+"""The Flax ResNet-18 against torchvision's, with weights ported by rf_jax/weights.
 
 A random-init torchvision ResNet-18 (no download) with non-trivial BatchNorm affine parameters and
 running statistics is ported, then logits and every stage's features are compared.
@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 
-from rf_jax.models import port  # pylint: disable=g-import-not-at-top
+from rf_jax import weights  # pylint: disable=g-import-not-at-top
 from rf_jax.models.resnet import ResNet18  # pylint: disable=g-import-not-at-top
 
 TOL = 1e-4
@@ -57,7 +57,7 @@ def tmodel():
 
 @pytest.fixture(scope='module')
 def variables(tmodel):
-  return port.torchvision_to_flax(tmodel.state_dict())
+  return weights.torchvision_to_flax(tmodel.state_dict())
 
 
 @pytest.fixture(scope='module')
