@@ -10,9 +10,9 @@ torch = pytest.importorskip('torch')
 pytest.importorskip('torchvision')  # torch_models builds torchvision's ResNet-18
 
 from rf_jax import steps  # pylint: disable=g-bad-import-order
+from rf_jax import weights
 from rf_jax.benchmark import torch_models
 from rf_jax.configs import default
-from rf_jax.models import port
 from rf_jax.models import resnet
 
 BATCH, SIZE, TAGS, LR, MOMENTUM = 8, 96, 17, 0.005, 0.9
@@ -45,7 +45,7 @@ def _two_steps(dtype):
   batches = [{'image': rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(dtype),
               'labels': (rng.random((BATCH, TAGS)) < 0.3).astype(dtype)} for _ in range(2)]
 
-  variables = port.torchvision_to_flax(_torch_state(net))
+  variables = weights.torchvision_to_flax(_torch_state(net))
   model = resnet.ResNet18(num_classes=TAGS, dtype=dtype, param_dtype=dtype)
   lr_fn = steps.create_learning_rate_fn(LR, DECAY_EPOCHS, DECAY_RATE, STEPS_PER_EPOCH)
   state = steps.TrainState.create(
@@ -91,7 +91,7 @@ def two_steps_float64():
 def _torch_update(torch_states, k) -> dict:
   """Step k's torch update (new - old, in the states' precision) in Flax names and layout."""
   old, new = torch_states[k - 1], torch_states[k]
-  return _flat(port.torchvision_to_flax({n: new[n] - old[n] for n in new})['params'])
+  return _flat(weights.torchvision_to_flax({n: new[n] - old[n] for n in new})['params'])
 
 
 def _update_errors(flax_update: dict, reference_update: dict) -> dict:
@@ -149,7 +149,7 @@ def test_running_statistics_equal_torch(two_steps, two_steps_float64, precision,
   flax_states, _, torch_states, _ = two_steps if precision == 'float32' else two_steps_float64
   flax_old, flax_new = _flat(flax_states[k - 1].batch_stats), _flat(flax_states[k].batch_stats)
   # Names mapped by hand, not through the port, which rounds to float32.
-  torch_old, torch_new = ({n: torch_states[i][port.flax_name_to_torch(['batch_stats', *n.split('/')])]
+  torch_old, torch_new = ({n: torch_states[i][weights.flax_name_to_torch(['batch_stats', *n.split('/')])]
                            for n in flax_new} for i in (k - 1, k))
   means = [n for n in torch_new if n.endswith('mean')]
   variances = [n for n in torch_new if n.endswith('var')]

@@ -3,7 +3,7 @@
 Written in the style of Flax's `examples/imagenet/models.py` (blocks receive
 `conv`, `norm` and `act` partials; sizes are partials of `ResNet`), but every
 detail that changes the numbers follows torchvision's `resnet18()` so that
-ported ImageNet weights give the same logits (see models/port.py):
+ported ImageNet weights give the same logits (see rf_jax/weights/torchvision_resnet.py):
 
 * explicit torch padding: stem 7x7/2 ((3,3),(3,3)), every 3x3 conv ((1,1),(1,1)),
   max-pool 3x3/2 ((1,1),(1,1)); Flax's 'SAME' pads (0,1) on strided layers and
