@@ -4,6 +4,7 @@ named in one error, one build per prepared directory, the multi-process path."""
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -208,3 +209,42 @@ def test_multiprocess_prepare_on_process_zero_first(synthetic_kaggle_dir, tmp_pa
   monkeypatch.setattr(inputs.jax, 'process_index', lambda: 1)
   with pytest.raises(planet.PlanetDataError, match='process 0 could not prepare'):
     inputs.prepare(config, Workdir(tmp_path / 'wd'))
+
+
+_MULTIPROCESS_SCRIPT = textwrap.dedent('''
+    import sys
+    import jax
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    port, me, workdir = sys.argv[1:]
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                               process_id=int(me))
+    from rf_jax import inputs
+    from rf_jax.configs import rgb
+    from rf_jax.workdir import Workdir
+    config = rgb.get_config()
+    config.data.raw_dir = ''  # as the demo: generated into the workdir
+    config.data.synthetic.num_chips, config.data.synthetic.chip_size = 24, 16
+    data = inputs.prepare(config, Workdir(workdir))
+    print('DATA', data.data_dir, len(data.train), data.train[0]['name'], flush=True)
+''')
+
+
+def test_two_jax_processes_prepare_the_synthetic_demo_once(tmp_path):
+  """The demo under --multihost: both processes end with one dataset, generated and
+  prepared once (they used to generate into one folder at once, and one of them died)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'multiprocess.py'
+  script.write_text(_MULTIPROCESS_SCRIPT)
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  runs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / 'wd')],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for i in range(2)]
+  outputs = [run.communicate(timeout=300) for run in runs]
+  for run, (_, err) in zip(runs, outputs):
+    assert run.returncode == 0, err[-3000:]
+  data_lines = {line for out, _ in outputs for line in out.splitlines() if line.startswith('DATA')}
+  assert len(data_lines) == 1, outputs
+  assert outputs[0][1].count('Preparing planet_amazon') >= 1
+  assert 'Preparing' not in outputs[1][1] and 'Generating' not in outputs[1][1]

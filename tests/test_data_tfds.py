@@ -278,3 +278,29 @@ def test_bad_test_mapping_is_named(tmp_path, text, message):
   path.write_text(text)
   with pytest.raises(planet.PlanetDataError, match=message):
     planet.read_test_mapping(path)
+
+
+def test_test_chips_have_their_own_fingerprint(tmp_path, synthetic_kaggle_dir):
+  """The training config never sees the test chips; the test config sees their listing and
+  mapping (not their content: a damaged chip is found when they are prepared)."""
+  raw = tmp_path / 'raw'
+  shutil.copytree(synthetic_kaggle_dir, raw)
+  train_name = _make_config(raw).name
+
+  def test_name():
+    return tfds_planet.make_test_config(raw, layout='kaggle', chip_size=128).name
+
+  names = [test_name()]
+  (raw / 'test-tif-v2' / 'test_6.tif').unlink()
+  names.append(test_name())
+  (raw / tfds_planet.TEST_MAPPING_FILE).write_text('old,new\ntest_0.tif,test_1.tif\n'
+                                                   'test_1.tif,test_0.tif\n')
+  names.append(test_name())
+  shutil.rmtree(raw / 'test-tif-v2')
+  assert len(set(names)) == 3
+  assert _make_config(raw).name == train_name
+  truncated = raw / 'test-tif-v2' / 'test_0.tif'
+  shutil.copytree(synthetic_kaggle_dir / 'test-tif-v2', raw / 'test-tif-v2')
+  truncated.write_bytes(truncated.read_bytes()[:100])
+  assert _make_config(raw).name == train_name
+  assert tfds_planet.make_test_config(raw, layout='kaggle', chip_size=128).num_chips == 7
