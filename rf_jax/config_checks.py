@@ -8,6 +8,7 @@ are read from the modules that own them.
 
 import ml_collections
 
+from rf_jax import augment
 from rf_jax import checkpoints
 from rf_jax import parallel
 from rf_jax.data import pipeline
@@ -25,8 +26,9 @@ _CHOICES = {
     'model.name': registry.MODEL_NAMES,
     'model.ir_stem_init': registry.IR_STEM_INITS,
     'data.layout': planet.LAYOUTS,
-    'data.train_transform': pipeline.TRAIN_TRANSFORMS,
-    'data.normalisation': pipeline.NORMALISATIONS,
+    'data.train_transform': augment.TRAIN_TRANSFORMS,
+    'data.normalisation': augment.NORMALISATIONS,
+    'data.cache': pipeline.CACHES,
     'eval.select_by': tuple(checkpoints.SELECT_BY),
     'dtype': DTYPES,
     'parallel': parallel.KINDS,

@@ -65,10 +65,14 @@ def _check_same_tree(found, expected, where, step) -> None:
 
 
 def make_predict_fn(config: ml_collections.ConfigDict, state: steps.TrainState) -> steps.PredictFn:
-  """batches -> (scores, labels, mean loss) with the restored model, over all devices."""
-  runner = steps.create_runner('jit', flips=config.eval.flips)
-  state = runner.put_state(state)
-  return lambda batches: steps.predict(runner, state, batches)
+  """inputs.eval_batches -> (scores, labels, mean loss) with the restored model, over all
+  devices, the chips preprocessed as the batches say (inputs.preprocess: as in training)."""
+
+  def predict(batches: inputs.EvalBatches) -> steps.Predictions:
+    runner = steps.create_runner('jit', flips=config.eval.flips, preprocess=batches.preprocess)
+    return steps.predict(runner, runner.put_state(state), batches)
+
+  return predict
 
 
 def _summary_key(select_by: str) -> str:

@@ -1,9 +1,12 @@
 """A run's inputs: its config turned into the data layer's explicit arguments.
 
-Training and evaluation read the same dataset, batches and transforms through these three
-functions, so a key of `config.data` is interpreted in one place.
+Training and evaluation read the same dataset, batches and on-device preprocessing through these
+functions, so a key of `config.data` is interpreted in one place. `jax.process_index()` and
+`process_count()` are read here: each process reads its slice of every global batch.
 """
 
+from collections.abc import Iterator
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +14,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from rf_jax import augment
+from rf_jax import parallel
 from rf_jax import workdir as workdir_lib
 from rf_jax.data import pipeline
 from rf_jax.data import planet
@@ -58,18 +63,41 @@ def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepa
   return dataset if dataset is not None else prepare_here()
 
 
-def train_loader(config: ml_collections.ConfigDict, data: prepared.PlanetData):
-  """This process's part of every global training batch, for `iter()`."""
+def preprocess(config: ml_collections.ConfigDict, data: prepared.PlanetData) -> augment.Preprocess:
+  """How the steps make the model's input from raw chips, for training and evaluation alike."""
+  return augment.create(
+      data, bands=registry.input_bands(config.model.name),
+      normalisation_name=config.data.normalisation, train_transform=config.data.train_transform,
+      crop_size=config.data.crop_size, eval_size=config.data.eval_size, seed=config.seed,
+      dtype=config.dtype)
+
+
+def train_loader(config: ml_collections.ConfigDict,
+                 data: prepared.PlanetData) -> pipeline.TrainBatches:
+  """This process's slice of every global training batch of raw chips (an iterator with
+  get_state / set_state)."""
   return pipeline.train_loader(
-      data, batch_size=config.batch_size // jax.process_count(),
-      image_size=config.data.crop_size, bands=registry.input_bands(config.model.name),
-      seed=config.seed, transform=config.data.train_transform,
-      normalisation=config.data.normalisation, num_workers=config.data.num_workers,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+      data, batch_size=config.batch_size, seed=config.seed, cache=config.data.cache,
+      threads=config.data.num_workers, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), to_device=parallel.replicate)
 
 
-def eval_batches(config: ml_collections.ConfigDict, data: prepared.PlanetData, split: str):
-  """One pass over `split` in source order, padded to whole batches (a 'mask' marks chips)."""
-  return pipeline.eval_batches(
-      data, split, batch_size=config.eval_batch_size, image_size=config.data.eval_size,
-      bands=registry.input_bands(config.model.name), normalisation=config.data.normalisation)
+@dataclasses.dataclass(frozen=True)
+class EvalBatches:
+  """One pass over a split (this process's slice of every global batch of raw chips, the last
+  padded: a 'mask' marks chips), and the preprocessing the eval step applies to them."""
+  batches: Iterator[dict]
+  preprocess: augment.Preprocess
+
+  def __iter__(self) -> Iterator[dict]:
+    return self.batches
+
+
+def eval_batches(config: ml_collections.ConfigDict, data: prepared.PlanetData,
+                 split: str) -> EvalBatches:
+  """One pass over `split` in source order; every process gets all scores back (predict)."""
+  batches = pipeline.eval_batches(
+      data, split, batch_size=config.eval_batch_size, cache=config.data.cache,
+      threads=config.data.num_workers, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), to_device=parallel.replicate)
+  return EvalBatches(batches, preprocess(config, data))

@@ -7,6 +7,12 @@ batch. On one device this is plain `jax.jit`.
 and the loss with `lax.pmean` and the model's BatchNorm synchronises its
 statistics over `AXIS_NAME`.
 Either way the numbers equal one device's on the same global batch.
+
+A batch's numpy arrays are this process's rows of the global batch (sharded over the
+devices); its jax.Arrays are already on device (a split held there, data/pipeline.py
+cache='device') and are passed as they are, replicated: every device gathers its rows from its
+own copy, so a step moves no chips between devices, at the cost of the split's size on each
+device (`replicate`).
 """
 
 from collections.abc import Callable
@@ -35,7 +41,7 @@ class Runner:
   eval_step: Callable[[Any, Any], Any]  # (state, batch) -> per-example outputs
   put_state: Callable[[Any], Any]  # one host copy -> device layout
   get_state: Callable[[Any], Any]  # device layout -> one copy (checkpoints)
-  put_batch: Callable[[Any], Any]  # this process's numpy batch -> device layout
+  put_batch: Callable[[Any], Any]  # this process's batch -> what the steps take
   get_outputs: Callable[[Any], Any]  # device outputs -> global numpy arrays [B, ...]
 
 
@@ -47,6 +53,24 @@ def check_batch_sizes(config) -> None:
       raise DeviceCountError(
           f'config.{key}={config[key]} does not divide by the {n} devices: use a multiple '
           f'of {n} (e.g. --config.{key}={max(n, config[key] // n * n)}).')
+
+
+def replicate(array: np.ndarray) -> jax.Array:
+  """`array` (the same on every process) copied to every device, as the runners take it."""
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _split(batch: dict) -> tuple[dict, dict]:
+  """(this process's rows: numpy arrays, the arrays already on device)."""
+  on_device = lambda x: isinstance(x, jax.Array)
+  return ({k: v for k, v in batch.items() if not on_device(v)},
+          {k: v for k, v in batch.items() if on_device(v)})
+
+
+def _joined(step: Callable) -> Callable:
+  """step(state, batch) as step(state, (rows, resident))."""
+  return lambda state, placed, **kwargs: step(state, {**placed[0], **placed[1]}, **kwargs)
 
 
 def create_runner(kind: str, train_step: Callable, eval_step: Callable,
@@ -64,12 +88,18 @@ def _mesh_runner(train_step, eval_step, devices) -> Runner:
   mesh = Mesh(np.asarray(devices), ('data',))
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P('data'))
-  put_batch = lambda batch: jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharded, x), batch)
+  batch_shardings = ((sharded, replicated),)  # (rows, resident), see _split
+
+  def put_batch(batch):
+    rows, resident = _split(batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharded, x),
+                        rows), resident
+
   return Runner(
-      train_step=jax.jit(train_step, in_shardings=(replicated, sharded),
+      train_step=jax.jit(_joined(train_step), in_shardings=(replicated,) + batch_shardings,
                          out_shardings=(replicated, replicated), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=sharded),
+      eval_step=jax.jit(_joined(eval_step), in_shardings=(replicated,) + batch_shardings,
+                        out_shardings=sharded),
       put_state=lambda state: jax.device_put(state, replicated),
       get_state=lambda state: state,
       put_batch=put_batch,
@@ -79,8 +109,9 @@ def _mesh_runner(train_step, eval_step, devices) -> Runner:
 
 def _pmap_runner(train_step, eval_step) -> Runner:
   n = jax.local_device_count()
-  pmapped_train = jax.pmap(functools.partial(train_step, axis_name=AXIS_NAME),
-                           axis_name=AXIS_NAME, donate_argnums=0)
+  in_axes = (0, (0, None))  # state, (rows, resident): resident arrays are broadcast
+  pmapped_train = jax.pmap(functools.partial(_joined(train_step), axis_name=AXIS_NAME),
+                           axis_name=AXIS_NAME, in_axes=in_axes, donate_argnums=0)
 
   def train(state, batch):
     state, loss = pmapped_train(state, batch)
@@ -92,9 +123,14 @@ def _pmap_runner(train_step, eval_step) -> Runner:
 
   return Runner(
       train_step=train,
-      eval_step=jax.pmap(eval_step, axis_name=AXIS_NAME),
+      eval_step=jax.pmap(_joined(eval_step), axis_name=AXIS_NAME, in_axes=in_axes),
       put_state=flax.jax_utils.replicate,
       get_state=flax.jax_utils.unreplicate,
-      put_batch=lambda batch: jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch),
+      put_batch=lambda batch: _pmap_batch(n, batch),
       get_outputs=unshard,
   )
+
+
+def _pmap_batch(n: int, batch: dict):
+  rows, resident = _split(batch)
+  return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), rows), resident

@@ -1,8 +1,9 @@
 """The pure steps of training and evaluation, shared by the training loop and evaluation.
 
 In the shape of the Flax ImageNet example: `create_learning_rate_fn`, `create_train_state`,
-`train_step`, `eval_step`; plus `predict`, which runs an eval step over batches through a
-`parallel.Runner` and drops padding rows.
+`train_step`, `eval_step` (on the model's input); `create_runner`, which lays them over the
+devices with the input made from raw chips inside the step (rf_jax/augment.py); and `predict`,
+which runs the eval step over batches and drops padding rows.
 """
 
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rf_jax import augment
 from rf_jax import parallel
 
 
@@ -98,9 +100,51 @@ def eval_step(state: TrainState, batch: dict, flips: bool = False) -> dict:
   return {'scores': scores, 'loss': sigmoid_bce(logits, batch['labels'])}
 
 
-def create_runner(kind: str, flips: bool) -> parallel.Runner:
-  """The train and eval steps laid over the devices as `kind` (parallel.KINDS)."""
-  return parallel.create_runner(kind, train_step, functools.partial(eval_step, flips=flips))
+def _positions(rows: int, axis_name: str | None) -> jax.Array:
+  """Each example's index in the global batch (under pmap a device holds one slice of it)."""
+  first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
+  return first + jnp.arange(rows)
+
+
+def _rows(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """The raw chips and labels of a batch as fed, or gathered from the split held on device."""
+  if 'cache' in batch:
+    take = lambda x: jnp.take(x, batch['index'], axis=0, mode='fill', fill_value=0)
+    return take(batch['cache']['image']), take(batch['cache']['labels'])
+  return batch['image'], batch['labels']
+
+
+def preprocessed_train_step(state: TrainState, batch: dict, preprocess: augment.Preprocess,
+                            axis_name: str | None = None):
+  """train_step on raw chips: the input drawn from (seed, state.step, position in the batch)."""
+  chips, labels = _rows(batch)
+  image = augment.train_input(preprocess, chips, state.step,
+                              _positions(chips.shape[0], axis_name))
+  return train_step(state, {'image': image, 'labels': labels}, axis_name)
+
+
+def preprocessed_eval_step(state: TrainState, batch: dict, preprocess: augment.Preprocess | None,
+                           flips: bool = False) -> dict:
+  """eval_step on raw chips (`preprocess` None: on the model's input), its outputs with the
+  labels and the batch's mask, so that every process gets all of them back (predict)."""
+  chips, labels = _rows(batch)
+  image = chips if preprocess is None else augment.eval_input(preprocess, chips)
+  out = {**eval_step(state, {'image': image, 'labels': labels}, flips), 'labels': labels}
+  if 'mask' in batch:
+    out['mask'] = batch['mask']
+  return out
+
+
+def create_runner(kind: str, flips: bool, preprocess: augment.Preprocess | None = None,
+                  devices=None) -> parallel.Runner:
+  """The train and eval steps laid over `devices` (default: all) as `kind` (parallel.KINDS),
+  taking raw chips made into the model's input by `preprocess` (None: batches are the model's
+  input)."""
+  train = (train_step if preprocess is None
+           else functools.partial(preprocessed_train_step, preprocess=preprocess))
+  return parallel.create_runner(
+      kind, train, functools.partial(preprocessed_eval_step, preprocess=preprocess, flips=flips),
+      devices)
 
 
 # (scores [N, 17], labels [N, 17], mean loss) over every unpadded chip of some batches.
@@ -109,16 +153,17 @@ PredictFn = Callable[[Iterator[dict]], Predictions]
 
 
 def predict(runner: parallel.Runner, state: TrainState, batches: Iterator[dict]) -> Predictions:
-  """Scores, labels and mean loss over every unpadded chip of `batches`."""
+  """Scores, labels and mean loss over every unpadded chip of the global `batches`, in order
+  (each process feeds its slice of every batch and gets all of them back)."""
   scores, labels = [], []
   loss = None
   for batch in batches:
-    out = runner.get_outputs(runner.eval_step(state, runner.put_batch(
-        {'image': batch['image'], 'labels': batch['labels']})))
-    keep = batch['mask'] > 0
-    scores.append(np.asarray(out['scores'])[keep])
-    labels.append(batch['labels'][keep])
+    out = jax.tree.map(np.asarray, runner.get_outputs(runner.eval_step(state,
+                                                                       runner.put_batch(batch))))
+    keep = out['mask'] > 0
+    scores.append(out['scores'][keep])
+    labels.append(out['labels'][keep])
     update = clu_metrics.Average.from_model_output(jnp.asarray(out['loss']),
-                                                   mask=jnp.asarray(batch['mask']))
+                                                   mask=jnp.asarray(out['mask']))
     loss = update if loss is None else loss.merge(update)
   return np.concatenate(scores), np.concatenate(labels), float(loss.compute())

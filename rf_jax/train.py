@@ -183,8 +183,9 @@ def _set_up(config, wd: workdir_lib.Workdir, data, changes: list[dict]) -> _Run:
   state = create_train_state(config, model, learning_rate_fn, jax.random.key(config.seed))
   if is_chief:
     _write_parameter_table(wd, config.model.name, state.params)
-  train_iter = iter(inputs.train_loader(config, data))
-  runner = steps.create_runner(kind, flips=config.eval.flips)
+  train_iter = inputs.train_loader(config, data)
+  runner = steps.create_runner(kind, flips=config.eval.flips,
+                               preprocess=inputs.preprocess(config, data))
   checkpointer = _Checkpointer(config, wd, runner)
   progress = _Progress([], _LossSum())
   restored = checkpointer.restore(state)

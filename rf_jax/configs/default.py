@@ -34,7 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.crop_size = 224  # train input size
   config.data.eval_size = 224  # eval: the whole chip resized
   config.data.normalisation = 'dataset'  # dataset (train-split band stats) | course (8-bit only)
-  config.data.num_workers = 2
+  config.data.num_workers = 2  # threads reading records (cache 'none') or filling the cache
+  # Where a split's chips are held: none (each batch read from disk) | host (the split read once
+  # into RAM) | device (the split in accelerator memory, batches gathered there; Kaggle train
+  # split 21.2 GB). data/pipeline.py.
+  config.data.cache = 'none'
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.num_chips = 0  # > 0: generate a synthetic dataset in the workdir
   config.data.synthetic.chip_size = 256

@@ -1,286 +1,266 @@
-"""Grain input pipelines over the prepared Planet dataset (data/prepared.py).
+"""Host input: batches of chips as stored, read by index from the prepared dataset
+(data/prepared.py). The host only reads; the steps make the model's input on device
+(rf_jax/augment.py).
 
-`train_loader` and `eval_batches` turn a `prepared.PlanetData` into fixed-shape float32
-batches.
+Batches: {'image': uint16 (Kaggle) | uint8 (course) [b, S, S, 4] (R,G,B,NIR, full size),
+'labels': float32 [b, 17]}, plus 'mask' float32 [b] in evaluation. With cache='device' a batch
+is {'index': int32 [b], 'cache': {'image', 'labels'} (the whole split, on device)} (+ 'mask'),
+and the step gathers its rows there; index len(split) marks a padding row (zeros).
 
-Worker processes (num_workers > 0): grain starts child processes that
-re-import the caller's main module and read absl flags. Callers must
-  * guard their entry point with `if __name__ == '__main__':` and
-  * run under `absl.app.run(main)` (or call `ensure_flags_parsed()` first,
-    which is what `train_loader` does for you when flags are not parsed yet,
-    e.g. under pytest).
-num_workers=0 runs everything in the calling process and works anywhere;
-evaluation always does.
+`cache` (CACHES): 'none' reads each batch's records; 'host' reads the split once into one
+array in RAM and gathers batches from it; 'device' places that array in accelerator memory once.
+
+Several processes: each reads ITS SLICE of the same global batch, positions
+[p*B/P, (p+1)*B/P), whose record indices come from one seeded order of the whole split. The
+batches therefore do not depend on the process count, and an iterator state (the global step)
+saved on one topology resumes exactly on another.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable, Iterator
+import concurrent.futures
 import functools
-import itertools
-import sys
-from typing import Iterator, Sequence
+import json
+import os
 
-import grain.python as grain
 import numpy as np
 
 from rf_jax.data import planet
 from rf_jax.data import prepared
 
-# config.data.train_transform: the whole chip resized (the study's code) or a random crop.
-TRAIN_TRANSFORMS = ('resize_flip', 'crop_flip')
-# config.data.normalisation: train-split band statistics, or the course's constants (8-bit chips).
-NORMALISATIONS = ('dataset', 'course')
+# config.data.cache: where the chips of a split are held between batches.
+CACHES = ('none', 'host', 'device')
 
 
-def ensure_flags_parsed() -> None:
-  """Grain reads absl flags (also in its worker processes); parse them with
-  defaults when the caller did not run under absl.app.run (pytest, scripts).
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(sys.argv[:1], known_only=True)
+# --- where the chips come from -------------------------------------------------------------
 
 
-# --- per-record transforms ---------------------------------------------------
+class _Records:
+  """cache='none': each batch's records read from the source, by `threads` threads (0: here)."""
+
+  def __init__(self, source, threads: int):
+    self.source, self.chip = source, source[0]['image']
+    self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads else None
+
+  def read(self, indices: np.ndarray) -> dict:
+    images = np.zeros((len(indices),) + self.chip.shape, self.chip.dtype)
+    labels = np.zeros((len(indices), planet.NUM_TAGS), np.float32)
+    valid = indices[indices >= 0].tolist()  # padding (-1) comes last
+    read = self.pool.map if self.pool else map
+    for row, record in enumerate(read(self.source.__getitem__, valid)):
+      images[row], labels[row] = record['image'], record['labels']
+    return {'image': images, 'labels': labels}
 
 
-@dataclasses.dataclass(frozen=True)
-class Normaliser:
-  """Band selection and normalisation of a chip in raw units.
+class _HostArrays:
+  """cache='host': the split's chips and labels in RAM, batches gathered by index."""
 
-  `bands` is a slice when the bands are consecutive (a view, where a list
-  would copy the chip); mean and 1/std are in the chip's raw units.
-  """
-  bands: slice | tuple
-  mean: np.ndarray
-  inv_std: np.ndarray
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
 
-  def __call__(self, image: np.ndarray) -> np.ndarray:
-    """float32 image of the selected bands, normalised in place."""
-    image -= self.mean
-    image *= self.inv_std
-    return image
-
-
-def normaliser(data: prepared.PlanetData, bands: Sequence[int],
-               normalisation: str) -> Normaliser:
-  """The Normaliser of `bands` (indices into R,G,B,NIR) for a
-  `normalisation` of NORMALISATIONS: 'dataset' uses the training split's band
-  statistics, 'course' the course's constants on 8-bit chips / 255."""
-  bands = list(bands)
-  if not bands or any(b not in range(4) for b in bands):
-    raise ValueError(f'bands must be indices into R,G,B,NIR, got {bands}')
-  if normalisation == 'dataset':
-    mean, std = data.mean, data.std
-  elif normalisation == 'course':
-    if data.layout != 'course':
-      raise planet.PlanetDataError(
-          f"config.data.normalisation='course' needs the course layout's 8-bit "
-          f'chips, and {data.data_dir} holds {data.layout}-layout chips: set '
-          "config.data.normalisation='dataset' (the training split's band "
-          'statistics)')
-    # (x / 255 - mean) / std, applied to x in raw units.
-    mean = np.multiply(planet.COURSE_MEAN, planet.COURSE_PIXEL_MAX)
-    std = np.multiply(planet.COURSE_STD, planet.COURSE_PIXEL_MAX)
-  else:
-    raise ValueError(f'normalisation must be one of {NORMALISATIONS}, got '
-                     f'{normalisation!r}')
-  mean = np.asarray(mean, np.float32)[bands]
-  inv_std = 1.0 / np.asarray(std, np.float32)[bands]
-  consecutive = bands == list(range(bands[0], bands[-1] + 1))
-  index = slice(bands[0], bands[-1] + 1) if consecutive else tuple(bands)
-  return Normaliser(index, mean, inv_std)
+  def read(self, indices: np.ndarray) -> dict:
+    valid = indices >= 0
+    rows = np.where(valid, indices, 0)
+    batch = {'image': np.take(self.images, rows, axis=0),
+             'labels': np.take(self.labels, rows, axis=0)}
+    if not valid.all():
+      for array in batch.values():
+        array[~valid] = 0
+    return batch
 
 
-@dataclasses.dataclass(frozen=True)
-class CropFlipNormalise(grain.RandomMapTransform):
-  """Train 'crop_flip': a random image_size crop + horizontal flip, then
-  normalise. Crops on the raw dtype first so the float work is on the crop
-  only. grain seeds `rng` per record from the loader seed and the record's
-  position, so output does not depend on workers."""
-  image_size: int
-  normalise: Normaliser
+class _DeviceArrays:
+  """cache='device': the split on device; a batch is its indices, gathered in the step."""
 
-  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-    image, c = record['image'], self.image_size
-    y, x = rng.integers(0, image.shape[0] - c + 1, size=2)
-    patch = image[y:y + c, x:x + c, self.normalise.bands]
-    if rng.random() < 0.5:
-      patch = patch[:, ::-1]
-    # The one copy; then normalise in place.
-    out = self.normalise(patch.astype(np.float32))
-    return {'image': out, 'labels': record['labels']}
+  def __init__(self, cache: dict, num_records: int):
+    self.cache, self.num_records = cache, num_records
+
+  def read(self, indices: np.ndarray) -> dict:
+    index = np.where(indices >= 0, indices, self.num_records).astype(np.int32)
+    return {'index': index, 'cache': self.cache}
 
 
-@dataclasses.dataclass(frozen=True)
-class ResizeFlipNormalise(grain.RandomMapTransform):
-  """Train 'resize_flip' (the study's code): the whole chip resized to
-  image_size exactly as evaluation resizes it, a horizontal flip with
-  probability 0.5, then normalise. Seeded per record like CropFlipNormalise."""
-  image_size: int
-  normalise: Normaliser
+def read_split(source, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The whole split in RAM: chips [N, S, S, 4] in their stored dtype, labels float32 [N, 17]."""
+  first = source[0]
+  images = np.empty((len(source),) + first['image'].shape, first['image'].dtype)
+  labels = np.empty((len(source), planet.NUM_TAGS), np.float32)
 
-  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-    image = resize(record['image'][..., self.normalise.bands], self.image_size)
-    if rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {'image': self.normalise(image), 'labels': record['labels']}
+  def fill(i: int) -> None:
+    record = source[i]
+    images[i], labels[i] = record['image'], record['labels']
 
-
-@functools.lru_cache(maxsize=16)
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] antialiased bilinear weights (torchvision Resize on tensors
-  with antialias=True, i.e. PIL's triangle filter widened by the scale)."""
-  scale = in_size / out_size
-  support = scale if scale >= 1.0 else 1.0
-  inv = 1.0 / scale if scale >= 1.0 else 1.0
-  weights = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    center = scale * (i + 0.5)
-    lo = max(int(center - support + 0.5), 0)
-    hi = min(int(center + support + 0.5), in_size)
-    j = np.arange(lo, hi)
-    w = np.maximum(0.0, 1.0 - np.abs((j - center + 0.5) * inv))
-    weights[i, lo:hi] = w / w.sum() if w.sum() else w
-  return weights.astype(np.float32)
+  with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+    list(pool.map(fill, range(len(source))))
+  return images, labels
 
 
-@functools.lru_cache(maxsize=16)
-def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """resize_matrix as K taps per output: (indices [out, K], weights [out, K])."""
-  matrix = resize_matrix(in_size, out_size)
-  nonzero = matrix != 0
-  lo = nonzero.argmax(axis=1)
-  k = int(nonzero.sum(axis=1).max())
-  pos = lo[:, None] + np.arange(k)
-  idx = np.minimum(pos, in_size - 1)
-  weights = np.where(pos < in_size, np.take_along_axis(matrix, idx, 1), 0)
-  return idx, weights.astype(np.float32)
+def available_host_bytes() -> int:
+  """Memory the kernel can give this process without swapping (MemAvailable)."""
+  try:
+    with open('/proc/meminfo', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """[H, W, C] -> [size, size, C] float32, separable antialiased bilinear.
-
-  Applied as a few gathered taps per axis rather than a matrix product: a
-  BLAS matmul spawns threads that fight grain's workers (10x slower on a
-  loaded 2-core machine), the taps are as fast single-threaded.
-  """
-  h, w, _ = image.shape
-  if (h, w) == (size, size):
-    return image.astype(np.float32)
-  # The first pass reads the raw dtype: uint16 * float32 weights -> float32.
-  idx, wts = _resize_taps(h, size)
-  rows = image[idx[:, 0]] * wts[:, 0, None, None]          # [size, W, C]
-  for k in range(1, idx.shape[1]):
-    rows += image[idx[:, k]] * wts[:, k, None, None]
-  idx, wts = _resize_taps(w, size)
-  out = rows[:, idx[:, 0]]                                 # [size, size, C]
-  out *= wts[None, :, 0, None]
-  for k in range(1, idx.shape[1]):
-    out += rows[:, idx[:, k]] * wts[None, :, k, None]
-  return out.astype(np.float32, copy=False)
+def _device_free_bytes() -> tuple[int | None, str]:
+  """Free accelerator memory on the fullest local device (None where the device is the host's
+  RAM, which reports no limit), and that device's name."""
+  import jax  # pylint: disable=g-import-not-at-top
+  free = []
+  for device in jax.local_devices():
+    stats = device.memory_stats() or {}
+    if 'bytes_limit' in stats:
+      free.append((stats['bytes_limit'] - stats.get('bytes_in_use', 0), str(device)))
+  return min(free) if free else (None, str(jax.local_devices()[0]))
 
 
-@dataclasses.dataclass(frozen=True)
-class ResizeNormalise(grain.MapTransform):
-  """Eval: resize the whole chip, select bands, normalise."""
-  image_size: int
-  normalise: Normaliser
-
-  def map(self, record: dict) -> dict:
-    image = resize(record['image'][..., self.normalise.bands], self.image_size)
-    return {'image': self.normalise(image), 'labels': record['labels']}
+def _gb(nbytes: int) -> str:
+  return f'{nbytes / 1e9:.3g} GB'
 
 
-# --- loaders -----------------------------------------------------------------
+def _check_fits(source, split: str, cache: str) -> None:
+  """One clear error when the split cannot be held where `cache` puts it."""
+  first = source[0]['image']
+  nbytes = len(source) * first.nbytes
+  host = available_host_bytes()
+  device_free, device = _device_free_bytes() if cache == 'device' else (None, '')
+  # Staged in RAM first; a device without its own memory (CPU) holds a second copy there.
+  host_needed = nbytes * (2 if cache == 'device' and device_free is None else 1)
+  short = []
+  if host_needed > host:
+    short.append(f'{_gb(host_needed)} of host RAM, {_gb(host)} available')
+  if device_free is not None and nbytes > device_free:
+    short.append(f'{_gb(nbytes)} on each device, {_gb(device_free)} free on {device}')
+  if short:
+    others = ', '.join(f"'{c}'" for c in CACHES if c != cache)
+    raise planet.PlanetDataError(
+        f"config.data.cache='{cache}' holds the whole {split} split: {len(source):,} chips x "
+        f'{"x".join(map(str, first.shape))} {first.dtype} = {_gb(nbytes)}, which needs '
+        f'{" and ".join(short)}. Use --config.data.cache= one of {others} (\'none\' reads each '
+        "batch's records from disk).")
 
 
-def _read_options(batch_size: int) -> grain.ReadOptions:
-  # grain's default (16 reader threads, 500 records ahead, per process) is
-  # sized for big hosts; 2 threads and two batches ahead keep a 2-core
-  # machine busy without oversubscribing it or holding ~250 MB of chips.
-  return grain.ReadOptions(num_threads=2,
-                           prefetch_buffer_size=max(2 * batch_size, 16))
+@functools.lru_cache(maxsize=2)  # the training and the validation split of a run
+def _held(source, split: str, cache: str, threads: int, to_device: Callable | None):
+  _check_fits(source, split, cache)
+  images, labels = read_split(source, threads)
+  if cache == 'host':
+    return _HostArrays(images, labels)
+  return _DeviceArrays({'image': to_device(images), 'labels': to_device(labels)}, len(source))
 
 
-def _train_transform(data: prepared.PlanetData, transform: str, image_size: int,
-                     normalise: Normaliser) -> grain.RandomMapTransform:
-  if transform == 'resize_flip':
-    if image_size < 1:
-      raise ValueError(f'image_size {image_size} must be >= 1')
-    return ResizeFlipNormalise(image_size, normalise)
-  if transform == 'crop_flip':
-    if not 0 < image_size <= data.chip_size:
-      raise ValueError(f'image_size {image_size} must be in 1..'
-                       f'{data.chip_size} (the chip size) to crop')
-    return CropFlipNormalise(image_size, normalise)
-  raise ValueError(f'transform must be one of {TRAIN_TRANSFORMS}, got '
-                   f'{transform!r}')
-
-
-def train_loader(data: prepared.PlanetData, *, batch_size: int, image_size: int,
-                 bands: Sequence[int], seed: int, transform: str,
-                 normalisation: str, num_workers: int = 0,
-                 shard_index: int = 0, shard_count: int = 1,
-                 worker_buffer_size: int = 2) -> grain.DataLoader:
-  """Infinite train batches: a fresh seeded shuffle each epoch, epochs
-  concatenated, the last partial batch of the stream never emitted.
-
-  `transform` (TRAIN_TRANSFORMS) makes the image_size input: 'resize_flip'
-  resizes the whole chip, 'crop_flip' crops it; both flip at random.
-  `normalisation` is one of NORMALISATIONS (see `normaliser`).
-  `iter(loader)` gives a grain iterator with get_state() -> bytes and
-  set_state(bytes): restoring continues with the exact next batch.
-  Determinism: a record's crop/flip depends only on (seed, its position in
-  the stream); which records share a batch also depends on num_workers
-  (grain gives worker i the records i, i+n, ... to batch), so keep
-  num_workers fixed across a run and its restores.
-  Batches: {'image': float32[B, size, size, len(bands)], 'labels': f32[B,17]}.
-  """
-  operation = _train_transform(data, transform, image_size,
-                               normaliser(data, bands, normalisation))
-  if num_workers:
-    ensure_flags_parsed()
-  sampler = grain.IndexSampler(
-      num_records=len(data.train),
-      shard_options=grain.ShardOptions(shard_index, shard_count,
-                                       drop_remainder=True),
-      shuffle=True, num_epochs=None, seed=seed)
-  return grain.DataLoader(
-      data_source=data.train, sampler=sampler,
-      operations=[operation, grain.Batch(batch_size, drop_remainder=True)],
-      worker_count=num_workers, worker_buffer_size=worker_buffer_size,
-      read_options=_read_options(batch_size))
-
-
-def eval_batches(data: prepared.PlanetData, split: str, *, batch_size: int,
-                 image_size: int, bands: Sequence[int],
-                 normalisation: str) -> Iterator[dict]:
-  """One pass over `split` in source order, fixed batch shape: each chip
-  resized whole to image_size, normalised as `normalisation`.
-
-  Batches: {'image': float32[B, size, size, C], 'labels': float32[B, 17],
-  'mask': float32[B]}; the last batch is zero-padded with mask 0.
-  """
+def _store(data: prepared.PlanetData, split: str, cache: str, threads: int,
+           to_device: Callable | None):
   source = getattr(data, split, None) if split in prepared.SPLITS else None
   if source is None:
     raise ValueError(f'no {split!r} split in this dataset')
-  operation = ResizeNormalise(image_size,
-                              normaliser(data, bands, normalisation))
-  # No grain.Batch: the last batch is padded to the fixed shape instead.
-  loader = grain.DataLoader(
-      data_source=source,
-      sampler=grain.IndexSampler(len(source), grain.NoSharding(),
-                                 shuffle=False, num_epochs=1, seed=0),
-      operations=[operation], read_options=_read_options(batch_size))
-  records = iter(loader)
-  while chunk := list(itertools.islice(records, batch_size)):
-    n = len(chunk)
-    images = np.zeros((batch_size,) + chunk[0]['image'].shape, np.float32)
-    labels = np.zeros((batch_size, planet.NUM_TAGS), np.float32)
-    mask = np.zeros(batch_size, np.float32)
-    for i, record in enumerate(chunk):
-      images[i], labels[i] = record['image'], record['labels']
-    mask[:n] = 1.0
-    yield {'image': images, 'labels': labels, 'mask': mask}
+  if cache not in CACHES:
+    raise ValueError(f'cache must be one of {CACHES}, got {cache!r}')
+  if cache == 'device' and to_device is None:
+    raise ValueError("cache='device' needs to_device (numpy array -> device array)")
+  if cache == 'none':
+    return source, _Records(source, threads)
+  return source, _held(source, split, cache, threads, to_device)
+
+
+def _shard_size(batch_size: int, shard_index: int, shard_count: int) -> int:
+  if batch_size % shard_count or not 0 <= shard_index < shard_count:
+    raise ValueError(f'batch_size {batch_size} must divide by shard_count {shard_count}, and '
+                     f'shard_index {shard_index} be in 0..{shard_count - 1}')
+  return batch_size // shard_count
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def global_batch(seed: int, num_records: int, batch_size: int, step: int) -> np.ndarray:
+  """Record indices of global batch `step`: epoch e is a seeded shuffle of all records, cut
+  into num_records // batch_size whole batches (the remainder is left out of that epoch)."""
+  per_epoch = num_records // batch_size
+  epoch, start = divmod(step, per_epoch)
+  order = _epoch_order(seed, num_records, epoch)
+  return order[start * batch_size:(start + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, num_records: int, epoch: int) -> np.ndarray:
+  order = np.random.default_rng([seed, epoch]).permutation(num_records)
+  order.flags.writeable = False
+  return order
+
+
+class TrainBatches:
+  """Endless training batches: this process's slice of every global batch, from `step` on.
+
+  get_state() -> bytes (JSON) and set_state(bytes): the state is the global step, so a state
+  saved with any process count resumes exactly with any other.
+  """
+
+  def __init__(self, source, store, *, batch_size: int, seed: int, shard_index: int,
+               shard_count: int):
+    if len(source) < batch_size:
+      raise ValueError(f'batch_size {batch_size} exceeds the {len(source)} training chips')
+    self._store, self._step = store, 0
+    self._local = _shard_size(batch_size, shard_index, shard_count)
+    self._first = shard_index * self._local
+    self._order = {'seed': seed, 'num_records': len(source), 'batch_size': batch_size}
+    self._source = repr(source)
+
+  def __iter__(self) -> 'TrainBatches':
+    return self
+
+  def __next__(self) -> dict:
+    indices = global_batch(step=self._step, **self._order)
+    self._step += 1
+    return self._store.read(indices[self._first:self._first + self._local])
+
+  def get_state(self) -> bytes:
+    return json.dumps({'step': self._step, 'order': self._order,
+                       'source': self._source}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    saved = json.loads(state)
+    if 'step' not in saved:
+      raise ValueError('The data iterator state in checkpoint does not match this loader (it '
+                       'was written by an older version): start the run in a new workdir.')
+    for key, mine in (('source', self._source), ('order', self._order)):
+      if saved[key] != mine:
+        raise ValueError(f'The data {key} in checkpoint does not match: saved {saved[key]}, '
+                         f'this run has {mine}.')
+    self._step = int(saved['step'])
+
+
+def train_loader(data: prepared.PlanetData, *, batch_size: int, seed: int, cache: str = 'none',
+                 threads: int = 0, shard_index: int = 0, shard_count: int = 1,
+                 to_device: Callable | None = None) -> TrainBatches:
+  """Endless training batches of raw chips (see the module docstring), a fresh seeded shuffle
+  each epoch; `batch_size` is the GLOBAL batch, this process gets its shard_index-th
+  1/shard_count of each. `threads` read records (cache 'none') or fill the cache;
+  `to_device` places a held split on device (cache 'device')."""
+  source, store = _store(data, 'train', cache, threads, to_device)
+  return TrainBatches(source, store, batch_size=batch_size, seed=seed,
+                      shard_index=shard_index, shard_count=shard_count)
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def eval_batches(data: prepared.PlanetData, split: str, *, batch_size: int,
+                 cache: str = 'none', threads: int = 0, shard_index: int = 0,
+                 shard_count: int = 1, to_device: Callable | None = None) -> Iterator[dict]:
+  """One pass over `split` in source order, global batches of `batch_size` (this process's
+  slice of each), the last one padded with zero rows of mask 0."""
+  source, store = _store(data, split, cache, threads, to_device)
+  local = _shard_size(batch_size, shard_index, shard_count)
+  n = len(source)
+  for start in range(0, n, batch_size):
+    positions = start + shard_index * local + np.arange(local)
+    batch = store.read(np.where(positions < n, positions, -1))
+    batch['mask'] = (positions < n).astype(np.float32)
+    yield batch
