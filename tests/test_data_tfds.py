@@ -247,10 +247,11 @@ def test_real_chips_through_builder_and_pipeline(real_planet_dir, tmp_path):
         record['image'],
         planet.read_chip(real_planet_dir / f'{record["name"]}.tif'))
     np.testing.assert_array_equal(record['labels'], labels[i])
-  batch = next(pipeline.eval_batches(data, 'validation', batch_size=2,
-                                     image_size=224, bands=(0, 1, 2, 3),
-                                     normalisation='dataset'))
-  assert batch['image'].shape == (2, 224, 224, 4)
+  # The loaders hand the chips on as stored (the steps resize and normalise).
+  batch = next(pipeline.eval_batches(data, 'validation', batch_size=2))
+  assert batch['image'].shape == (2, 256, 256, 4) and batch['image'].dtype == np.uint16
+  np.testing.assert_array_equal(batch['image'][0], data.validation[0]['image'])
+  assert not batch['image'][1].any()
   assert batch['mask'].tolist() == [1.0, 0.0]
 
 
