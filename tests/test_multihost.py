@@ -57,11 +57,16 @@ def start_two_processes(workdir) -> list[subprocess.Popen]:
           for i in range(2)]
 
 
-def finish(processes, timeout=600) -> list[tuple[int, str, str]]:
+def finish(processes, timeout=1500) -> list[tuple[int, str, str]]:
+  """Each process's (exit status, stdout, stderr); none is left running."""
   out = []
-  for p in processes:
-    stdout, stderr = p.communicate(timeout=timeout)
-    out.append((p.returncode, stdout, stderr))
+  try:
+    for p in processes:
+      stdout, stderr = p.communicate(timeout=timeout)
+      out.append((p.returncode, stdout, stderr))
+  finally:
+    for p in processes:
+      p.kill()
   return out
 
 
@@ -83,7 +88,7 @@ def two_process_run(tmp_path_factory):
 def two_device_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('two_devices')
   done = subprocess.run(_train_command(workdir), cwd=REPO, env=_env(2), capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=1500)
   assert done.returncode == 0, done.stderr[-4000:]
   return workdir
 
@@ -110,7 +115,7 @@ def test_one_process_evaluates_the_two_process_checkpoint(two_process_run, tmp_p
   workdir, _ = two_process_run
   done = subprocess.run(
       [sys.executable, '-m', 'rf_jax.main', '--mode', 'evaluate', '--workdir', str(workdir)],
-      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=1500)
   assert done.returncode == 0, done.stderr[-4000:]
   assert 'REPRODUCED' in done.stdout and 'NOT REPRODUCED' not in done.stdout, done.stdout
   metrics = json.loads((workdir / 'eval' / 'metrics.json').read_text())
@@ -120,7 +125,7 @@ def test_one_process_evaluates_the_two_process_checkpoint(two_process_run, tmp_p
 def test_sigterm_to_both_processes_then_rerun_is_exact(two_process_run, tmp_path):
   workdir = tmp_path / 'preempted'
   processes = start_two_processes(workdir)
-  deadline = time.monotonic() + 600
+  deadline = time.monotonic() + 1500
   while not (workdir / 'checkpoints' / '2').is_dir():  # mid-epoch: after the step-2 save
     assert time.monotonic() < deadline and all(p.poll() is None for p in processes), (
         [p.communicate() for p in processes if p.poll() is not None])
