@@ -36,4 +36,13 @@ def test_quick_benchmark_end_to_end(tmp_path):
   pipe = report['pipeline']
   assert pipe['batches_per_s'] > 0 and pipe['supply_over_demand'] > 0
   assert pipe['workers'] >= 0
+  assert pipe['train_cpu_ms_per_chip'] > 0 and pipe['eval_cpu_ms_per_chip'] > 0
+  assert pipe['imread_ms_per_chip'] > 0
   assert report['table'].count('\n') >= 2
+
+
+def test_bad_flag_value_is_one_error_line():
+  proc = subprocess.run([sys.executable, str(SCRIPT), '--variant', 'rgb,nir'],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == "error: --variant='nir' is not one of rgb,rgbir,dual"

@@ -11,7 +11,7 @@ framework run) so that imports, compiled code and heaps never leak from one into
   torch_models    torchvision ResNet-18s matching the study models (shared with the tests)
   jax_patches     speed/memory experiments applied to the rf_jax child only (--jax-patch)
   convs           each ResNet-18 convolution shape timed alone (--conv-profile)
-  input_pipeline  host cost of the grain input pipeline: batches/s, CPU ms per chip
+  input_pipeline  host cost of the input pipeline: batches/s, CPU ms per chip
   common          settings, presets, timing and memory probes shared by all of them
 
 torch is imported only inside the functions that run it, never by `import rf_jax`.

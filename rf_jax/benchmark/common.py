@@ -17,8 +17,6 @@ from rf_jax.benchmark import jax_patches
 VARIANTS = ('rgb', 'rgbir', 'dual')
 TORCH_LAYOUTS = ('channels_last', 'contiguous')
 FRAMEWORKS = ('jax', 'torch')
-# rf_jax.data.pipeline.TRAIN_TRANSFORMS, not imported here: the parent process stays light.
-TRAIN_TRANSFORMS = ('resize_flip', 'crop_flip')
 NUM_TAGS = 17
 SEED = 0
 
@@ -42,9 +40,8 @@ class Settings:
   xla_flags: str  # appended to XLA_FLAGS for the rf_jax processes
   pipeline_chips: int  # synthetic chips generated for the pipeline
   pipeline_seconds: float  # timed seconds per pipeline measurement; 0 skips it
-  pipeline_zero_workers: bool  # also measure the pipeline without workers
-  pipeline_transform: str  # the pipeline's train transform
-  workers: int  # the pipeline's worker processes
+  pipeline_zero_workers: bool  # also measure the pipeline reading in the calling thread
+  workers: int  # the pipeline's reader threads
   quick: bool
 
   @classmethod
@@ -52,7 +49,7 @@ class Settings:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-# The fields no preset sets; workers and pipeline_transform are study_config()'s.
+# The fields no preset sets; workers is study_config()'s data.num_workers.
 DEFAULTS = dict(variant=VARIANTS, dtype='float32', torch_layouts=('channels_last',),
                 frameworks=FRAMEWORKS, no_eval=False, jax_patch=(), xla_flags='',
                 pipeline_zero_workers=False)
@@ -71,29 +68,27 @@ def study_config():
 
 def create_settings(quick: bool = False, **given) -> Settings:
   """Settings from the given fields, the rest from the full or `quick` preset, DEFAULTS and
-  the study config's `data.num_workers` and `data.train_transform`.
+  the study config's `data.num_workers`.
 
   A value of None counts as not given. Raises ValueError naming the flag for a bad value.
   """
-  data = study_config().data
-  settings = Settings.from_dict({
-      **DEFAULTS, 'workers': data.num_workers, 'pipeline_transform': data.train_transform,
-      **(QUICK if quick else FULL), **{k: v for k, v in given.items() if v is not None},
-      'quick': quick})
+  given = {k: v for k, v in given.items() if v is not None}
+  settings = Settings.from_dict({**DEFAULTS, 'workers': study_config().data.num_workers,
+                                 **(QUICK if quick else FULL), **given, 'quick': quick})
   for flag, values, valid in (('variant', settings.variant, VARIANTS),
                               ('torch-layouts', settings.torch_layouts, TORCH_LAYOUTS),
                               ('frameworks', settings.frameworks, FRAMEWORKS),
-                              ('pipeline-transform', (settings.pipeline_transform,),
-                               TRAIN_TRANSFORMS),
                               ('jax-patch', settings.jax_patch, jax_patches.NAMES + ('none',))):
     for value in values:
       if value not in valid:
         raise ValueError(f'--{flag}={value!r} is not one of {",".join(valid)}')
   if not settings.variant or not settings.torch_layouts:
     raise ValueError('--variant and --torch-layouts each need at least one value')
-  for flag in ('batch', 'eval_batch', 'size', 'steps', 'eval_steps', 'rounds'):
+  for flag in ('batch', 'eval_batch', 'size', 'steps', 'eval_steps', 'rounds', 'pipeline_chips'):
     if getattr(settings, flag) < 1:
       raise ValueError(f'--{flag.replace("_", "-")}={getattr(settings, flag)}: must be >= 1')
+  if settings.workers < 0:
+    raise ValueError(f'--workers={settings.workers}: must be >= 0')
   return settings
 
 
@@ -108,28 +103,6 @@ def maxrss_mb() -> float:
   """Peak resident memory of this process so far."""
   kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return kb / 1024 if sys.platform != 'darwin' else kb / 2**20
-
-
-def cpu_seconds() -> float:
-  """User + system CPU of this process and all its descendants (Linux /proc; NaN elsewhere).
-
-  Unlike wall time it hardly moves when other jobs load the machine, and it counts what
-  worker processes cost.
-  """
-  if not pathlib.Path('/proc/self/stat').exists():
-    return float('nan')
-  total, tick, todo = 0.0, os.sysconf('SC_CLK_TCK'), [os.getpid()]
-  while todo:
-    pid = todo.pop()
-    try:
-      fields = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
-      total += (int(fields[11]) + int(fields[12])) / tick
-      for task in os.listdir(f'/proc/{pid}/task'):
-        todo += [int(c) for c in
-                 pathlib.Path(f'/proc/{pid}/task/{task}/children').read_text().split()]
-    except OSError:
-      continue  # exited meanwhile
-  return total
 
 
 def random_batches(n: int, batch: int, size: int, channels: int, seed: int = 0) -> list[dict]:

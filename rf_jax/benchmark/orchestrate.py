@@ -1,0 +1,174 @@
+"""The parent process: one child process per measurement, frameworks alternating A B A B.
+
+Each run of a framework is a fresh `python -m rf_jax.benchmark.<child>` so that neither side
+inherits the other's imports, threads or heap, and the rounds alternate the sides so that a
+change in the machine's load shows in the per-round figures instead of favouring one side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from rf_jax.benchmark import common
+from rf_jax.benchmark import convs
+from rf_jax.benchmark import input_pipeline
+from rf_jax.benchmark import summary
+
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision', 'grain', 'numpy')
+# The directory holding the rf_jax package, for the children's imports.
+_IMPORT_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+class ChildError(RuntimeError):
+  """A measurement process failed; its output has been written to stderr."""
+
+
+def _versions() -> dict:
+  out = {'python': platform.python_version()}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def _load() -> list[float] | None:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def _child_env(settings: common.Settings, jax_side: bool) -> dict:
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (str(_IMPORT_ROOT), env.get('PYTHONPATH', '')) if p)
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if jax_side and settings.xla_flags:  # after rf_jax's own: a flag given here wins
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + settings.xla_flags).strip()
+  return env
+
+
+def spawn(module: str, settings: common.Settings, **args) -> dict:
+  """Runs `rf_jax.benchmark.<module>`'s `run(settings, **args)` in a fresh process.
+
+  Returns its JSON result plus the process's wall time and the load average after it.
+  """
+  jax_side = module == 'jax_child' or args.get('framework') == 'jax'
+  with tempfile.TemporaryDirectory() as tmp:
+    job, out = pathlib.Path(tmp) / 'job.json', pathlib.Path(tmp) / 'result.json'
+    job.write_text(json.dumps({'settings': dataclasses.asdict(settings), 'args': args}))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, '-m', f'rf_jax.benchmark.{module}', str(job), str(out)],
+        env=_child_env(settings, jax_side), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, check=False)
+    if proc.returncode or not out.exists():
+      sys.stderr.write(proc.stdout[-6000:])
+      raise ChildError(f'the benchmark process {module} {args} failed (exit '
+                       f'{proc.returncode}); the end of its output is above')
+    result = json.loads(out.read_text())
+  result['process_s'] = time.perf_counter() - start
+  result['load_after'] = _load()
+  return result
+
+
+def _report(settings: common.Settings) -> dict:
+  """The report's record of when, where and with what it was measured."""
+  return {
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'versions': _versions(),
+      'machine': {'cores': common.cores(), 'platform': platform.platform(),
+                  'processor': platform.processor() or platform.machine()},
+      'load_before': _load(),
+      'settings': dataclasses.asdict(settings),
+  }
+
+
+def _progress(round_: int, variant: str, side: str, result: dict,
+              settings: common.Settings) -> str:
+  train = result['train']
+  line = (f'round {round_} {variant:5s} {side:20s} train '
+          f'{settings.batch / train["median_s"]:7.1f} img/s '
+          f'(first call {train["first_call_s"]:.1f} s)')
+  if 'eval' in result:
+    line += f', eval {settings.eval_batch / result["eval"]["median_s"]:7.1f} img/s'
+  return line + (f', peak RSS train {result["rss_peak_train_mb"]:.0f} MB, '
+                 f'load {result["load_after"]}')
+
+
+def run_rounds(settings: common.Settings) -> tuple[dict, list[str]]:
+  """Every (variant, side) run, rounds outermost: r1 rgb rf_jax, r1 rgb torch, ..., r2 ...
+
+  Returns the runs by (variant, side) and the order they ran in.
+  """
+  jobs = []
+  if 'jax' in settings.frameworks:
+    jobs.append(('rf_jax', 'jax_child', {}))
+  if 'torch' in settings.frameworks:
+    jobs += [(f'torch_{layout}', 'torch_child', {'layout': layout})
+             for layout in settings.torch_layouts]
+  runs, order = {}, []
+  for round_ in range(1, settings.rounds + 1):
+    for variant in settings.variant:
+      for side, module, args in jobs:
+        result = spawn(module, settings, variant=variant, **args)
+        runs.setdefault((variant, side), []).append(result)
+        order.append(f'r{round_} {variant} {side}')
+        print(_progress(round_, variant, side, result, settings), flush=True)
+  return runs, order
+
+
+def benchmark(settings: common.Settings) -> dict:
+  """The A/B comparison, then the input pipeline against the rf_jax train step's demand."""
+  report = _report(settings)
+  started = time.perf_counter()
+  runs, report['order'] = run_rounds(settings)
+  report['results'] = summary.summarise(runs, settings)
+  report['runs'] = {f'{variant}/{side}': r for (variant, side), r in runs.items()}
+  report['table'] = summary.table(report['results'], settings)
+  if settings.pipeline_seconds > 0:
+    demand = [row['rf_jax']['train']['images_per_s'] / settings.batch
+              for row in report['results'].values() if row.get('rf_jax', {}).get('train')]
+    report['pipeline'] = pipe = spawn('input_pipeline', settings)
+    if demand:
+      pipe['demand_batches_per_s'] = max(demand)
+      pipe['supply_over_demand'] = pipe['batches_per_s'] / max(demand)
+    report['table'] += '\n\n' + input_pipeline.describe(pipe)
+  report['load_after'] = _load()
+  report['wall_s'] = time.perf_counter() - started
+  return report
+
+
+def pipeline_only(settings: common.Settings) -> dict:
+  """The input pipeline's host cost alone (no model runs)."""
+  report = _report(settings)
+  started = time.perf_counter()
+  report['pipeline'] = spawn('input_pipeline', settings)
+  report['table'] = input_pipeline.describe(report['pipeline'])
+  report['load_after'] = _load()
+  report['wall_s'] = time.perf_counter() - started
+  return report
+
+
+def conv_profile(settings: common.Settings) -> dict:
+  """Each ResNet-18 conv shape alone in rf_jax and in each PyTorch layout."""
+  report = _report(settings)
+  results = {'rf_jax': spawn('convs', settings, framework='jax', layout='NHWC')['convs']}
+  for layout in settings.torch_layouts:
+    results[f'torch_{layout}'] = spawn('convs', settings, framework='torch',
+                                       layout=layout)['convs']
+  report['convs'] = results
+  report['table'], report['totals_s'] = convs.table(results, settings)
+  return report
