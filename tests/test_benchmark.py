@@ -46,3 +46,9 @@ def test_bad_flag_value_is_one_error_line():
                         capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 1
   assert proc.stderr.strip() == "error: --variant='nir' is not one of rgb,rgbir,dual"
+
+
+def test_benchmark_variants_are_the_registry_models():
+  from rf_jax.benchmark import common  # pylint: disable=g-import-not-at-top
+  from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
+  assert common.VARIANTS == registry.MODEL_NAMES

@@ -14,6 +14,8 @@ import time
 
 from rf_jax.benchmark import jax_patches
 
+# models/registry.MODEL_NAMES, spelled here so that the PyTorch child never imports JAX (its
+# memory is measured); tests/test_benchmark.py checks that the two agree.
 VARIANTS = ('rgb', 'rgbir', 'dual')
 TORCH_LAYOUTS = ('channels_last', 'contiguous')
 FRAMEWORKS = ('jax', 'torch')
