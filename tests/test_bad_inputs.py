@@ -225,7 +225,7 @@ def cli_results(trained, tmp_path_factory, prepared_dir):
   def run(case):
     argv, env, _ = cases[case]
     return subprocess.run([sys.executable, '-m', 'rf_jax.main', *argv], cwd=REPO,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
 
   # The cases on the trained run take turns: its lock admits one process at a time.
   on_the_run = [case for case in cases if str(workdir) in cases[case][0]]
