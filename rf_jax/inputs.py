@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from rf_jax import augment
+from rf_jax import config_checks
 from rf_jax import parallel
 from rf_jax import workdir as workdir_lib
 from rf_jax.data import pipeline
@@ -76,10 +77,19 @@ def train_loader(config: ml_collections.ConfigDict,
                  data: prepared.PlanetData) -> pipeline.TrainBatches:
   """This process's slice of every global training batch of raw chips (an iterator with
   get_state / set_state)."""
+  _check_cache_layout(config)
   return pipeline.train_loader(
       data, batch_size=config.batch_size, seed=config.seed, cache=config.data.cache,
       threads=config.data.num_workers, shard_index=jax.process_index(),
       shard_count=jax.process_count(), to_device=parallel.replicate)
+
+
+def _check_cache_layout(config: ml_collections.ConfigDict) -> None:
+  if config.data.cache == 'device' and config.parallel == 'pmap' and jax.device_count() > 1:
+    raise config_checks.ConfigError(
+        "config.data.cache='device' needs config.parallel='jit' (one copy of the split per "
+        "device, gathered in the step); pmap would copy it at every step: use "
+        "--config.parallel=jit or --config.data.cache=host.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,10 @@ Either way the numbers equal one device's on the same global batch.
 
 A batch's numpy arrays are this process's rows of the global batch (sharded over the
 devices); its jax.Arrays are already on device (a split held there, data/pipeline.py
-cache='device') and are passed as they are, replicated: every device gathers its rows from its
-own copy, so a step moves no chips between devices, at the cost of the split's size on each
-device (`replicate`).
+cache='device') and the mesh passes them as they are, replicated: every device gathers its rows
+from its own copy, so a step moves no chips between devices, at the cost of the split's size on
+each device (`replicate`). pmap would copy such an array to every device at every call, so it
+refuses them.
 """
 
 from collections.abc import Callable
@@ -62,8 +63,8 @@ def replicate(array: np.ndarray) -> jax.Array:
 
 
 def _split(batch: dict) -> tuple[dict, dict]:
-  """(this process's rows: numpy arrays, the arrays already on device)."""
-  on_device = lambda x: isinstance(x, jax.Array)
+  """(this process's rows: numpy arrays, the entries already on device: jax.Arrays)."""
+  on_device = lambda v: all(isinstance(x, jax.Array) for x in jax.tree.leaves(v))
   return ({k: v for k, v in batch.items() if not on_device(v)},
           {k: v for k, v in batch.items() if on_device(v)})
 
@@ -109,9 +110,8 @@ def _mesh_runner(train_step, eval_step, devices) -> Runner:
 
 def _pmap_runner(train_step, eval_step) -> Runner:
   n = jax.local_device_count()
-  in_axes = (0, (0, None))  # state, (rows, resident): resident arrays are broadcast
   pmapped_train = jax.pmap(functools.partial(_joined(train_step), axis_name=AXIS_NAME),
-                           axis_name=AXIS_NAME, in_axes=in_axes, donate_argnums=0)
+                           axis_name=AXIS_NAME, donate_argnums=0)
 
   def train(state, batch):
     state, loss = pmapped_train(state, batch)
@@ -123,7 +123,7 @@ def _pmap_runner(train_step, eval_step) -> Runner:
 
   return Runner(
       train_step=train,
-      eval_step=jax.pmap(_joined(eval_step), axis_name=AXIS_NAME, in_axes=in_axes),
+      eval_step=jax.pmap(_joined(eval_step), axis_name=AXIS_NAME),
       put_state=flax.jax_utils.replicate,
       get_state=flax.jax_utils.unreplicate,
       put_batch=lambda batch: _pmap_batch(n, batch),
@@ -133,4 +133,7 @@ def _pmap_runner(train_step, eval_step) -> Runner:
 
 def _pmap_batch(n: int, batch: dict):
   rows, resident = _split(batch)
+  if resident:
+    raise ValueError(f'the pmap layout takes batches from the host only, got {list(resident)} '
+                     "on device: hold the split with cache='host', or lay out with 'jit'")
   return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), rows), resident
