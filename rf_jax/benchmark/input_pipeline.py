@@ -11,6 +11,11 @@ config's cache 'none' (each batch read from the prepared records):
 * eval: `pipeline.eval_batches` (`--eval-batch`, one pass in order, repeated) in chips/s and
   host CPU ms per chip, with `--workers` threads
 * `tifffile.imread` alone, ms per chip on one core: what reading the raw files would cost
+* `host_cost`: host CPU ms per training and per evaluation chip for each cache mode (none, host,
+  device) and 'before' (the per-chip numpy path the steps replaced), JSON
+  `pipeline.<mode>.host_ms_per_train_chip` / `host_ms_per_eval_chip`
+* `augmentation_step_cost` (full runs only): the rgb train step with the input made in it vs on
+  a ready input
 
   python -m rf_jax.benchmark.input_pipeline job.json result.json   (spawned by orchestrate)
 """
@@ -101,6 +106,129 @@ def _prepare(root: pathlib.Path, settings: common.Settings):
                           synthetic=spec)
 
 
+# --- host cost per cache mode, against the per-chip numpy path it replaced ----------------
+
+
+def _study_preprocess(data):
+  """The study config's input (its train transform, 224 px crop and eval size, 4 bands)."""
+  from rf_jax import augment  # pylint: disable=g-import-not-at-top
+  config = common.study_config()
+  return augment.create(data, bands=(0, 1, 2, 3), normalisation_name='dataset',
+                        train_transform=config.data.train_transform,
+                        crop_size=config.data.crop_size, eval_size=config.data.eval_size,
+                        seed=common.SEED)
+
+
+def _before(data, settings: common.Settings, train: bool) -> Callable[[], int]:
+  """The path the loaders ran before: each record read, made into the model's input by the
+  per-chip numpy transforms (draws on the host), the float32 batch put on the device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from rf_jax.data import numpy_transforms  # pylint: disable=g-import-not-at-top
+  p, rng = _study_preprocess(data), np.random.default_rng(common.SEED)
+  source = data.train if train else data.validation
+  size = settings.batch if train else settings.eval_batch
+  top = data.chip_size - p.crop_size + 1
+
+  def one(chip):
+    if train:
+      return numpy_transforms.train_input(p, chip, rng.integers(0, top, 2), rng.random() < 0.5)
+    return numpy_transforms.eval_input(p, chip)
+
+  def next_batch() -> int:
+    records = [source[int(i)] for i in rng.integers(0, len(source), size)]
+    batch = {'image': np.stack([one(r['image']) for r in records]),
+             'labels': np.stack([r['labels'] for r in records])}
+    jax.block_until_ready(jax.device_put(batch))
+    return size
+
+  return next_batch
+
+
+def _raw(data, settings: common.Settings, train: bool, cache: str) -> Callable[[], int]:
+  """The loaders now: chips as stored (or indices into the split held on device) put on the
+  device, what the step then makes the input from."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from rf_jax import parallel  # pylint: disable=g-import-not-at-top
+  from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  args = dict(cache=cache, threads=0, to_device=parallel.replicate)
+  loader = pipeline.train_loader(data, batch_size=settings.batch, seed=common.SEED, **args)
+  passes = iter(())
+
+  def next_batch() -> int:
+    nonlocal passes
+    if train:
+      batch, chips = next(loader), settings.batch
+    else:
+      batch = next(passes, None)
+      if batch is None:
+        passes = pipeline.eval_batches(data, 'validation', batch_size=settings.eval_batch,
+                                       **args)
+        batch = next(passes)
+      chips = int(batch['mask'].sum())
+    from_host = {k: v for k, v in batch.items() if k != 'cache'}
+    jax.block_until_ready(jax.device_put(from_host))
+    return chips
+
+  return next_batch
+
+
+def host_cost(data, settings: common.Settings) -> dict:
+  """{'before' | cache mode: {'host_ms_per_train_chip', 'host_ms_per_eval_chip'}}: host CPU
+  time per chip in this process, reading in the calling thread, the batch's transfer to the
+  device included. 'before' is the per-chip numpy path (the study's 224 px input made on the
+  host); the cache modes hand over chips as stored. A held split is read before its timing
+  starts (that one-off read, 'fill_s', is not per chip)."""
+  from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  seconds = settings.pipeline_seconds / 2
+  ms = lambda next_batch: _rate(next_batch, seconds, warmup=1)['cpu_ms_per_chip']
+  out = {'before': {'host_ms_per_train_chip': ms(_before(data, settings, True)),
+                    'host_ms_per_eval_chip': ms(_before(data, settings, False))}}
+  for cache in pipeline.CACHES:
+    start = time.perf_counter()
+    train, evaluation = (_raw(data, settings, t, cache) for t in (True, False))
+    evaluation()  # holds the validation split from here on
+    fill = time.perf_counter() - start
+    out[cache] = {'host_ms_per_train_chip': ms(train), 'host_ms_per_eval_chip': ms(evaluation),
+                  'fill_s': fill}
+  return out
+
+
+def augmentation_step_cost(data, settings: common.Settings) -> dict:
+  """The rgb train step (random init, float32, batch --batch) on chips as stored with the
+  study's input made in the step, against the same step on a ready 224 px float32 input:
+  ms per step, best of alternating rounds, and their ratio."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from rf_jax import steps  # pylint: disable=g-import-not-at-top
+  from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
+  p = dataclasses.replace(_study_preprocess(data), bands=(0, 1, 2))
+  model = registry.create_model('rgb', num_classes=17)
+  variables = steps.init_variables(model, jax.random.key(0), p.crop_size, 3)
+  raw = next(pipeline.train_loader(data, batch_size=settings.batch, seed=common.SEED))
+  ready = {'image': np.random.default_rng(0).normal(
+      size=(settings.batch, p.crop_size, p.crop_size, 3)).astype(np.float32),
+           'labels': raw['labels']}
+  runs = {}
+  for name, preprocess, batch in (('in_step', p, raw), ('ready_input', None, ready)):
+    runner = steps.create_runner('jit', flips=False, preprocess=preprocess)
+    state = runner.put_state(steps.create_train_state(variables, model, optax.sgd(1e-3)))
+    runs[name] = {'runner': runner, 'state': state, 'batch': runner.put_batch(batch), 's': []}
+  for round_ in range(max(settings.rounds, 2) + 1):  # round 0 compiles
+    for run_ in runs.values():
+      start = time.perf_counter()
+      for _ in range(settings.steps):
+        run_['state'], loss = run_['runner'].train_step(run_['state'], run_['batch'])
+      jax.block_until_ready(loss)
+      if round_:
+        run_['s'].append((time.perf_counter() - start) / settings.steps)
+  ms = {name: min(run_['s']) * 1e3 for name, run_ in runs.items()}
+  return {'train_step_ms': ms, 'in_step_over_ready': ms['in_step'] / ms['ready_input']}
+
+
 def run(settings: common.Settings) -> dict:
   """Prepares the synthetic chips in a temporary directory, then measures."""
   root = pathlib.Path(tempfile.mkdtemp(prefix='rf_jax_bench_'))
@@ -119,6 +247,9 @@ def run(settings: common.Settings) -> dict:
     result['batches_per_s'] = configured['batches_per_s']
     result['train_cpu_ms_per_chip'] = configured['cpu_ms_per_chip']
     result['eval_cpu_ms_per_chip'] = result['eval']['cpu_ms_per_chip']
+    result.update(host_cost(data, settings))
+    if not settings.quick:  # compiles a ResNet-18 train step twice
+      result['augmentation'] = augmentation_step_cost(data, settings)
     result['rss_peak_mb'] = common.maxrss_mb()
     return result
   finally:
@@ -138,9 +269,19 @@ def describe(pipe: dict) -> str:
     if run_['threads'] != pipe['workers']:
       text += (f'; {run_["threads"]} threads {run_["batches_per_s"]:.1f} batches/s, '
                f'{run_["cpu_ms_per_chip"]:.2f} ms per chip')
-  return text + (f'. Eval: {pipe["eval"]["chips_per_s"]:.0f} chips/s, host CPU '
-                 f'{pipe["eval_cpu_ms_per_chip"]:.2f} ms per evaluation chip. '
-                 f'tifffile.imread alone: {pipe["imread_ms_per_chip"]:.2f} ms per chip.')
+  text += (f'. Eval: {pipe["eval"]["chips_per_s"]:.0f} chips/s, host CPU '
+           f'{pipe["eval_cpu_ms_per_chip"]:.2f} ms per evaluation chip. '
+           f'tifffile.imread alone: {pipe["imread_ms_per_chip"]:.2f} ms per chip. '
+           'Host CPU ms per train / eval chip (one thread, transfer included): ')
+  text += ', '.join(f'{mode} {pipe[mode]["host_ms_per_train_chip"]:.3f} / '
+                    f'{pipe[mode]["host_ms_per_eval_chip"]:.3f}'
+                    for mode in ('before', 'none', 'host', 'device'))
+  if 'augmentation' in pipe:
+    ms = pipe['augmentation']['train_step_ms']
+    text += (f'; the rgb train step with the input made in it {ms["in_step"]:.0f} ms vs '
+             f'{ms["ready_input"]:.0f} ms on a ready input '
+             f'({pipe["augmentation"]["in_step_over_ready"]:.3f}x)')
+  return text + '.'
 
 
 if __name__ == '__main__':
