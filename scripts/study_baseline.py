@@ -8,7 +8,6 @@ that frequency for every chip, next to the study's best validation loss.
   python scripts/study_baseline.py --labels data/planet/train_v2.csv
 """
 
-import math
 import sys
 
 from absl import app
@@ -17,8 +16,9 @@ import numpy as np
 
 from rf_jax.data import planet
 
-_LABELS = flags.DEFINE_string('labels', None, 'the Kaggle label file, train_v2.csv',
-                              required=True)
+# Checked in main, not marked required: a required absl flag would bind every
+# program that imports this module (the tests do) to pass it.
+_LABELS = flags.DEFINE_string('labels', None, 'the Kaggle label file, train_v2.csv')
 _VAL_FRACTION = flags.DEFINE_float('val_fraction', planet.STUDY_VAL_FRACTION,
                                    "the study's train_test_split test_size")
 _SEED = flags.DEFINE_integer('seed', planet.STUDY_SEED,
@@ -26,19 +26,6 @@ _SEED = flags.DEFINE_integer('seed', planet.STUDY_SEED,
 
 # The study's lowest validation loss (rgb, epoch 2 of 35: results/SingleNetwork_results.txt).
 STUDY_BEST_VAL_LOSS = 0.2575
-
-
-def study_split(n: int, val_fraction: float = planet.STUDY_VAL_FRACTION,
-                seed: int = planet.STUDY_SEED) -> tuple[np.ndarray, np.ndarray]:
-  """(train, val) row indices of `train_test_split(rows, test_size, random_state)`.
-
-  scikit-learn's ShuffleSplit permutes with numpy's legacy RandomState(seed) and
-  takes the first ceil(test_size * n) rows for validation; rebuilt here so the
-  script needs numpy only (tests/test_study_baseline.py checks it against sklearn).
-  """
-  perm = np.random.RandomState(seed).permutation(n)
-  num_val = math.ceil(val_fraction * n)
-  return perm[num_val:], perm[:num_val]
 
 
 def base_rate_bce(freq: np.ndarray, labels: np.ndarray) -> float:
@@ -53,11 +40,13 @@ def base_rate_bce(freq: np.ndarray, labels: np.ndarray) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _LABELS.value:
+    raise app.UsageError('give --labels, the Kaggle label file (train_v2.csv)')
   try:
     names, labels = planet.read_labels(_LABELS.value)
   except planet.PlanetDataError as e:
     sys.exit(f'error: {e}')
-  train, val = study_split(len(names), _VAL_FRACTION.value, _SEED.value)
+  train, val = planet.split(names, _VAL_FRACTION.value, _SEED.value)
   train_freq = labels[train].mean(0, dtype=np.float64)
   val_freq = labels[val].mean(0, dtype=np.float64)
   print(f'{_LABELS.value}: {len(names)} chips; train_test_split(test_size={_VAL_FRACTION.value}, '

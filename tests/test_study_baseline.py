@@ -44,15 +44,6 @@ def _sklearn_base_rate_loss(freq, val):
                   for j in range(planet.NUM_TAGS)])
 
 
-@pytest.mark.parametrize('n', [3, 7, 100, 40479])
-def test_study_split_is_train_test_split(n):
-  rows = np.arange(n)
-  want_train, want_val = train_test_split(rows, test_size=0.33, random_state=321)
-  train, val = study_baseline.study_split(n)
-  np.testing.assert_array_equal(train, want_train)
-  np.testing.assert_array_equal(val, want_val)
-
-
 def test_base_rate_bce_matches_log_loss():
   rng = np.random.default_rng(0)
   labels = (rng.random((50, 17)) < rng.random(17)).astype(np.float32)
@@ -97,3 +88,10 @@ def test_script_names_a_missing_label_file(tmp_path):
                         capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 1
   assert proc.stderr.strip() == f'error: {missing}: label file not found'
+
+
+def test_script_asks_for_the_label_file():
+  proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 1
+  assert 'give --labels' in proc.stderr
