@@ -31,6 +31,7 @@ import os
 import pathlib
 import socket
 import sys
+import tempfile
 
 import numpy as np
 
@@ -83,9 +84,9 @@ class Workdir:
                          '--workdir.')
     try:
       self.root.mkdir(parents=True, exist_ok=True)
-      probe = self.root / '.write_probe'
-      probe.write_text('')
-      probe.unlink()
+      # One probe per process: the processes of a multi-host run share the workdir.
+      with tempfile.NamedTemporaryFile(dir=self.root, prefix='.write_probe'):
+        pass
     except OSError as e:
       raise WorkdirError(f'workdir {self.root} is not writable ({e.strerror or e}): choose '
                          'another --workdir or fix its permissions.') from None
