@@ -484,7 +484,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained, tmp_path,
   with unittest.mock.patch.object(json_checkpoint_handler.JsonCheckpointHandler, 'async_save',
                                   disk_full_on_second_item):
     with pytest.raises(checkpoints.CheckpointError) as error:
-      train.train_and_evaluate(config, tmp_path)
+      train.train_and_evaluate(config, tmp_path, allow_config_change=('num_epochs',))
   assert_user_error(error.value, 'checkpoint of step 10', 'No space left on device',
                     r'previous checkpoint \(step 5\) is intact', 'rerun the same command')
   directory = Workdir(tmp_path).checkpoints
@@ -494,7 +494,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained, tmp_path,
   assert checkpoints.restore_for_evaluation(Workdir(tmp_path).checkpoints).step == 5
 
   capsys.readouterr()
-  train.train_and_evaluate(config, tmp_path)  # disk freed: rerun resumes from step 5
+  train.train_and_evaluate(config, tmp_path, allow_config_change=('num_epochs',))  # disk freed
   out, err = capsys.readouterr()
   assert 'Removing 1 unfinished checkpoint write' in err and 'Resumed from step 5' in out
   assert not list(directory.glob('*' + checkpoints.TMP_MARKER + '*'))

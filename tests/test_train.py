@@ -107,7 +107,7 @@ def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, pr
   config = tiny('rgb', synthetic_kaggle_dir, prepared_dir, weights_file, num_epochs=1)
   train.train_and_evaluate(config, tmp_path)  # stopped after epoch 1 ...
   config.num_epochs = 2
-  with pytest.raises(config_checks.ConfigError, match='config.num_epochs: the run has 1, this '
+  with pytest.raises(config_checks.ConfigError, match='(?s)config.num_epochs: the run has 1, this '
                      'config has 2.*--allow_config_change=num_epochs'):
     train.train_and_evaluate(config, tmp_path)  # a changed config is refused ...
   resumed_state = train.train_and_evaluate(  # ... unless the change is allowed
