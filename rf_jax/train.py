@@ -94,7 +94,7 @@ def create_train_state(config: ml_collections.ConfigDict, model, learning_rate_f
       variables, model=config.model.name, path=config.model.weights,
       ir_stem_init=config.model.ir_stem_init, dont_load=config.model.dont_load,
       rng=stem_rng)
-  tx = optax.sgd(learning_rate_fn, momentum=config.optim.momentum)
+  tx = steps.create_optimizer(learning_rate_fn, config.optim.momentum)
   return steps.create_train_state(variables, model, tx)
 
 

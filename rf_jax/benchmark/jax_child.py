@@ -21,7 +21,6 @@ def _train_state(variant: str, settings: common.Settings):
   """A fresh train state of the study model `variant`, with the study's optimiser."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from rf_jax import steps  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
 
@@ -33,7 +32,7 @@ def _train_state(variant: str, settings: common.Settings):
   learning_rate = steps.create_learning_rate_fn(optim.lr, optim.decay_epochs, optim.decay_rate,
                                                 steps_per_epoch=1000)
   return steps.create_train_state(variables, model,
-                                  optax.sgd(learning_rate, momentum=optim.momentum))
+                                  steps.create_optimizer(learning_rate, optim.momentum))
 
 
 def run(settings: common.Settings, variant: str) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -83,6 +84,7 @@ def input_bands(name: str) -> tuple[int, ...]:
   return get(name).bands
 
 
+@functools.lru_cache(maxsize=32)  # one instance per model: jit reuses its compiled steps
 def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
                  axis_name: str | None = None) -> nn.Module:
   """The study model `name`.
