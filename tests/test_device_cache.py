@@ -3,10 +3,13 @@ on each, every device gathers its rows in the step; the mesh and pmap layouts tr
 as one device fed the same chips from the host (cache 'host'), augmentation included; so does
 pmap fed from the host (it refuses a split held on device, which it would copy at every step).
 
-The model is a small conv net with BatchNorm (what the layouts change is the data path, not the
-ResNet, which tests/test_parallel.py covers); its stride-4 4x4 kernels see every pixel, so a
-different crop or flip of any example changes the loss. Float64 as in tests/test_parallel.py:
-reordered sums across devices then differ by ~1e-12.
+The model is a small conv net with BatchNorm (what the layouts change is the data path; the
+ResNet's BatchNorm over the replicas is tests/test_resnet.py's, and a float64 ResNet costs
+minutes to compile on a small CPU); its stride-4 4x4 kernels see every pixel, so a different
+crop or flip of any example changes the loss. Float64: summing across devices reorders
+BatchNorm's sums, and in float32 a few SGD steps from random init amplify that rounding to
+~1e-5 in the loss, too close to a real divergence to tell apart; in float64 the reordered sums
+differ by ~1e-12.
 """
 
 import json

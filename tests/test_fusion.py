@@ -9,12 +9,13 @@ torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 stats = pytest.importorskip('scipy.stats')
 
+from rf_jax import steps  # pylint: disable=g-import-not-at-top
 from rf_jax import weights  # pylint: disable=g-import-not-at-top
 from rf_jax.models import fusion  # pylint: disable=g-import-not-at-top
 from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
 from rf_jax.models import resnet  # pylint: disable=g-import-not-at-top
 
-SIZE = 128
+SIZE = 96  # as tests/tiny_configs.py: the init programs are compiled once for both
 # How the study's code drew each model's new stem (DESIGN.md, section 1), and where that stem is.
 STUDY_INIT = {'rgbir': 'he_fan_in', 'dual': 'torch_conv_default'}
 DRAWN = ('he_fan_in', 'he_fan_out', 'torch_conv_default')
@@ -42,11 +43,10 @@ def create(name):
 
 
 def fresh(name):
-  """Fresh init of a study model (cached: init is slow on CPU)."""
+  """Fresh init of a study model, as training makes it (cached: init is slow on CPU)."""
   if name not in _FRESH:
-    c = len(registry.input_bands(name))
-    _FRESH[name] = create(name).lazy_init(jax.random.key(321),
-                                          jax.ShapeDtypeStruct((1, SIZE, SIZE, c), jnp.float32))
+    _FRESH[name] = steps.init_variables(create(name), jax.random.key(321), SIZE,
+                                        len(registry.input_bands(name)))
   return _FRESH[name]
 
 
