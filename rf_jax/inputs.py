@@ -8,8 +8,10 @@ functions, so a key of `config.data` is interpreted in one place. `jax.process_i
 from collections.abc import Iterator
 import dataclasses
 import functools
+import itertools
 
 import jax
+from jax._src import distributed  # the coordination service's barrier (orbax uses it too)
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -26,6 +28,12 @@ from rf_jax.models import registry
 
 # Where TFDS keeps prepared datasets unless config.data.prepared_dir says otherwise.
 DEFAULT_PREPARED_DIR = '~/tensorflow_datasets'
+
+
+# How long the other processes wait for process 0 to prepare the dataset (40,479 real chips
+# take tens of minutes on a slow disk).
+PREPARE_TIMEOUT_S = 24 * 3600
+_PREPARATIONS = itertools.count()  # barrier names must be unique
 
 
 def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepared.PlanetData:
@@ -54,7 +62,11 @@ def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepa
       dataset = prepare_here()
     except Exception as e:  # pylint: disable=broad-except
       failure = e  # raised after the barrier: no process is left waiting for ever
-  # The barrier, which also tells every process whether process 0 succeeded.
+  # Wait on the coordination service: a collective's first connection gives up after 30 s,
+  # and preparing a real dataset takes minutes. A process that dies fails the barrier.
+  distributed.global_state.client.wait_at_barrier(
+      f'rf_jax_prepare_{next(_PREPARATIONS)}', timeout_in_ms=PREPARE_TIMEOUT_S * 1000)
+  # Then every process learns whether process 0 succeeded.
   failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
   if failure is not None:
     raise failure
