@@ -41,7 +41,8 @@ def create_learning_rate_fn(lr: float, decay_epochs: int, decay_rate: float,
 
 
 @_MEMO
-def create_optimizer(learning_rate_fn: optax.Schedule, momentum: float) -> optax.GradientTransformation:
+def create_optimizer(learning_rate_fn: optax.Schedule,
+                     momentum: float) -> optax.GradientTransformation:
   """The study's optimiser: SGD with momentum on the schedule."""
   return optax.sgd(learning_rate_fn, momentum=momentum)
 
