@@ -277,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
       first_step = run.step
       seconds = _train_epoch(run, epoch, stop)
       record, scores = _validate(run, epoch, seconds, first_step)
-      run.progress = _Progress(run.progress.epochs + [record], _LossSum())
+      run.progress = dataclasses.replace(run.progress, epochs=run.progress.epochs + [record],
+                                         loss=_LossSum())
       run.checkpointer.save(record['step'], run.state, run.train_iter, run.progress,
                             record=record, scores=scores)
       if run.is_chief:
