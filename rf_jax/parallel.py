@@ -101,7 +101,9 @@ def _mesh_runner(train_step, eval_step, devices) -> Runner:
                          out_shardings=(replicated, replicated), donate_argnums=0),
       eval_step=jax.jit(_joined(eval_step), in_shardings=(replicated,) + batch_shardings,
                         out_shardings=sharded),
-      put_state=lambda state: jax.device_put(state, replicated),
+      # Through host memory: a restored state sits on this process's devices only, and
+      # device_put cannot move such arrays onto a mesh that spans processes.
+      put_state=lambda state: jax.device_put(jax.device_get(state), replicated),
       get_state=lambda state: state,
       put_batch=put_batch,
       get_outputs=lambda outputs: multihost_utils.process_allgather(outputs, tiled=True),
