@@ -36,6 +36,15 @@ PREPARE_TIMEOUT_S = 24 * 3600
 _PREPARATIONS = itertools.count()  # barrier names must be unique
 
 
+def wait_for_all_processes(name: str, timeout_s: int) -> None:
+  """A barrier on the coordination service, for waits longer than a collective allows.
+
+  A collective's first connection gives up after 30 s, and preparing a real dataset takes
+  minutes. A process that dies fails the barrier for the others.
+  """
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepared.PlanetData:
   """The prepared dataset of `config.data` (generated and prepared on first use).
 
@@ -62,10 +71,7 @@ def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepa
       dataset = prepare_here()
     except Exception as e:  # pylint: disable=broad-except
       failure = e  # raised after the barrier: no process is left waiting for ever
-  # Wait on the coordination service: a collective's first connection gives up after 30 s,
-  # and preparing a real dataset takes minutes. A process that dies fails the barrier.
-  distributed.global_state.client.wait_at_barrier(
-      f'rf_jax_prepare_{next(_PREPARATIONS)}', timeout_in_ms=PREPARE_TIMEOUT_S * 1000)
+  wait_for_all_processes(f'rf_jax_prepare_{next(_PREPARATIONS)}', PREPARE_TIMEOUT_S)
   # Then every process learns whether process 0 succeeded.
   failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
   if failure is not None:

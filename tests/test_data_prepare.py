@@ -191,6 +191,8 @@ def test_multiprocess_prepare_on_process_zero_first(synthetic_kaggle_dir, tmp_pa
   monkeypatch.setattr(inputs.jax, 'process_count', lambda: 2)
   monkeypatch.setattr(prepared, 'prepare',
                       lambda *a, **k: events.append('prepare') or real_prepare(*a, **k))
+  monkeypatch.setattr(inputs, 'wait_for_all_processes', lambda name, timeout_s: events.append(
+      ('wait', timeout_s >= 3600)))
   monkeypatch.setattr(inputs.multihost_utils, 'broadcast_one_to_all',
                       lambda flag: events.append(('barrier', int(flag))) or flag)
   config = tiny('rgb', synthetic_kaggle_dir, tmp_path / 'prep')
@@ -199,7 +201,8 @@ def test_multiprocess_prepare_on_process_zero_first(synthetic_kaggle_dir, tmp_pa
     events.clear()
     data = inputs.prepare(config, Workdir(tmp_path / 'wd'))
     assert len(data.train) == 40
-    assert events == (['prepare', ('barrier', 0)] if index == 0 else [('barrier', 0), 'prepare'])
+    waits = [('wait', True), ('barrier', 0)]  # long enough for a real dataset
+    assert events == (['prepare', *waits] if index == 0 else [*waits, 'prepare'])
   # A broken dataset: process 0 raises its own error, the others a short one naming process 0.
   config.data.raw_dir = str(tmp_path / 'nowhere')
   with pytest.raises(planet.PlanetDataError, match='nowhere'):
