@@ -122,14 +122,23 @@ def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, pr
     np.testing.assert_array_equal(got, want)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path, monkeypatch):
+@pytest.fixture
+def nan_loss(monkeypatch):
+  """The training loss made NaN (and with it every gradient) in the steps built meanwhile."""
+  real_loss = steps.sigmoid_bce
+  monkeypatch.setattr(steps, 'sigmoid_bce', lambda logits, labels: real_loss(logits, labels) * jnp.nan)
+  steps._create_runner.cache_clear()  # pylint: disable=protected-access  # traced with the real loss
+  yield
+  steps._create_runner.cache_clear()  # pylint: disable=protected-access
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path, nan_loss):
+  del nan_loss
   config, workdir, _ = runs['rgbir']
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
   before = json.loads(Workdir(tmp_path).history.read_text())
   config = config.copy_and_resolve_references()
   config.num_epochs = 2
-  real_loss = steps.sigmoid_bce
-  monkeypatch.setattr(steps, 'sigmoid_bce', lambda logits, labels: real_loss(logits, labels) * jnp.nan)
   with pytest.raises(train.NonFiniteLossError, match=r'last good checkpoint \(step 5\)'):
     train.train_and_evaluate(config, tmp_path, allow_config_change=('num_epochs',))
   manager = checkpoints.create_manager(Workdir(tmp_path).checkpoints, read_only=True)
