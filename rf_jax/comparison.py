@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 from rf_jax import history
@@ -29,7 +27,7 @@ def _best_marks(values: Sequence[float | None], higher_is_better: bool = True) -
 
 def plot_comparison_curves(histories: Sequence[Mapping], names: Sequence[str], path: Path) -> Path:
   """Overlaid loss (train dashed, validation solid) and validation mAP per epoch, one colour a model."""
-  fig = Figure(figsize=(12, 4.5), layout='constrained')
+  fig = report.new_figure(figsize=(12, 4.5), layout='constrained')
   ax_loss, ax_map = fig.subplots(1, 2)
   for i, (h, n) in enumerate(zip(histories, names)):
     c = f'C{i}'
@@ -42,7 +40,7 @@ def plot_comparison_curves(histories: Sequence[Mapping], names: Sequence[str], p
   ax_loss.set(xlabel='epoch', ylabel='loss', title='Loss per epoch')
   ax_map.set(xlabel='epoch', ylabel='validation mAP', title='Validation mAP per epoch')
   for ax in (ax_loss, ax_map):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    report.integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   return report.save_figure(fig, path)
@@ -51,7 +49,7 @@ def plot_comparison_curves(histories: Sequence[Mapping], names: Sequence[str], p
 def plot_comparison_ap(ap_rows: Sequence[Sequence[float | None]], names: Sequence[str],
                        tags: Sequence[str], path: Path) -> Path:
   """Grouped bars: per-tag AP of every model."""
-  fig = Figure(figsize=(13, 4.5), layout='constrained')
+  fig = report.new_figure(figsize=(13, 4.5), layout='constrained')
   ax = fig.add_subplot()
   x = np.arange(len(tags))
   width = 0.8 / max(1, len(names))

@@ -37,9 +37,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from rf_jax import metrics as M
 from rf_jax import workdir as workdir_lib
@@ -113,7 +110,20 @@ def series(history: Mapping | None, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- figures (one workdir)
 
-def save_figure(fig: Figure, path: Path) -> Path:
+def new_figure(**kwargs) -> 'matplotlib.figure.Figure':
+  """A matplotlib Figure. These helpers import matplotlib when first drawing, so that the
+  commands that draw nothing (train, a config error) start ~10 s sooner on a small CPU."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(**kwargs)
+
+
+def integer_ticks(axis) -> None:
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def save_figure(fig: 'matplotlib.figure.Figure', path: Path) -> Path:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   FigureCanvasAgg(fig)
   fig.savefig(path, dpi=DPI)
   return path
@@ -121,13 +131,13 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 def plot_loss(history: Mapping, path: Path, title: str = '') -> Path:
   """Train and validation loss per epoch."""
-  fig = Figure(figsize=(6, 4), layout='constrained')
+  fig = new_figure(figsize=(6, 4), layout='constrained')
   ax = fig.add_subplot()
   for key, label, style in (('train_loss', 'train', 'o-'), ('val_loss', 'validation', 's-')):
     ep, v = series(history, key)
     ax.plot(ep, v, style, label=label)
   ax.set(xlabel='epoch', ylabel='loss (mean sigmoid BCE)', title=title or 'Loss per epoch')
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  integer_ticks(ax.xaxis)
   ax.grid(alpha=0.3)
   ax.legend()
   return save_figure(fig, path)
@@ -135,7 +145,7 @@ def plot_loss(history: Mapping, path: Path, title: str = '') -> Path:
 
 def plot_map(history: Mapping, path: Path, title: str = '') -> Path:
   """Validation mAP per epoch, best epoch marked."""
-  fig = Figure(figsize=(6, 4), layout='constrained')
+  fig = new_figure(figsize=(6, 4), layout='constrained')
   ax = fig.add_subplot()
   ep, v = series(history, 'val_map')
   ax.plot(ep, v, 'o-', color='tab:green', label='validation mAP')
@@ -146,7 +156,7 @@ def plot_map(history: Mapping, path: Path, title: str = '') -> Path:
   if np.isfinite(p).any():  # what the study's code printed as "mAP"
     ax.plot(ep, p, 's--', color='tab:gray', label='mean precision at 0.5 (study code)')
   ax.set(xlabel='epoch', ylabel='mAP', title=title or 'Validation mAP per epoch')
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  integer_ticks(ax.xaxis)
   ax.grid(alpha=0.3)
   ax.legend()
   return save_figure(fig, path)
@@ -155,7 +165,7 @@ def plot_map(history: Mapping, path: Path, title: str = '') -> Path:
 def plot_ap_bars(ap: np.ndarray, tags: Sequence[str], num_pos: np.ndarray, path: Path,
                  title: str = '') -> Path:
   """Per-tag AP as horizontal bars (TAGS order); tags without positives marked 'excluded'."""
-  fig = Figure(figsize=(7, 0.35 * len(tags) + 1.5), layout='constrained')
+  fig = new_figure(figsize=(7, 0.35 * len(tags) + 1.5), layout='constrained')
   ax = fig.add_subplot()
   y = np.arange(len(tags))
   ax.barh(y, np.nan_to_num(ap), color='tab:blue')
@@ -179,7 +189,7 @@ def plot_tail_accuracy(labels: np.ndarray, scores: np.ndarray, tag: str, path: P
   acc = M.tail_accuracy(labels, scores, t, top_n)
   top = np.sort(np.asarray(scores, np.float64))[::-1][:top_n]
   count = (top[None, :] > t[:, None]).sum(1)
-  fig = Figure(figsize=(6.5, 4), layout='constrained')
+  fig = new_figure(figsize=(6.5, 4), layout='constrained')
   ax = fig.add_subplot()
   ax.plot(t, acc, '-', color='tab:blue', lw=2, label='tail accuracy')
   ax.set_ylim(-0.02, 1.05)
@@ -228,7 +238,7 @@ def plot_chip_grid(names, labels: np.ndarray, scores: np.ndarray, tags: Sequence
   cell_w, img, above, below, header = 2.6, 2.2, 0.45, 0.8, 0.5
   cell_h = above + img + below
   width, height = cell_w * cols, 2 * (header + rows * cell_h)
-  fig = Figure(figsize=(width, height))
+  fig = new_figure(figsize=(width, height))
   top = height
   for which, idx in groups:
     fig.text(0.5, (top - header / 2) / height, f'{len(idx)} {which}-scored chips for '
