@@ -1,11 +1,13 @@
 """Multi-host training on JAX's multi-controller runtime: 2 processes on 127.0.0.1 (gloo).
 
 Each process is `python -m rf_jax.main --multihost` with explicit coordinator flags, one CPU
-device each, sharing one workdir. From a fresh workdir (the synthetic dataset generated and
-prepared once), the 2-process run must equal a 1-process run over 2 devices up to float
-reordering (the same global batches, BatchNorm over the same global batch), a single process
-must evaluate its checkpoint, and SIGTERM to both processes mid-epoch plus a rerun must give the
-same history as the uninterrupted run.
+device each, sharing one workdir. One 2-process run goes through everything a job on a cluster
+meets: from a fresh workdir (the synthetic dataset generated and prepared once) to SIGTERM to
+both processes mid-epoch (one consistent checkpoint), then the rerun to the end. It must equal
+an uninterrupted 1-process run over 2 devices up to float reordering (the same global batches,
+BatchNorm over the same global batch), and a single process must evaluate its checkpoint.
+(Exact single-process resume is tests/test_kill_restart.py's; each launch here costs minutes
+of start-up and compilation on a small CPU, hence one 2-process run.)
 """
 
 import json
@@ -77,11 +79,25 @@ def history(workdir) -> list[dict]:
 
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
+  """From a fresh workdir: SIGTERM to both processes after the step-2 save, then the rerun.
+
+  Returns the workdir, the interrupted launch's results and the rerun's."""
   workdir = tmp_path_factory.mktemp('two_processes')
-  results = finish(start_two_processes(workdir))
-  for rc, _, stderr in results:
+  processes = start_two_processes(workdir)
+  deadline = time.monotonic() + 1500
+  while not (workdir / 'checkpoints' / '2').is_dir():  # mid-epoch: after the step-2 save
+    assert time.monotonic() < deadline and all(p.poll() is None for p in processes), (
+        [p.communicate() for p in processes if p.poll() is not None])
+    time.sleep(0.2)
+  for p in processes:
+    p.send_signal(signal.SIGTERM)
+  interrupted = finish(processes)
+  for rc, _, stderr in interrupted:
     assert rc == 0, stderr[-4000:]
-  return workdir, results
+  rerun = finish(start_two_processes(workdir))
+  for rc, _, stderr in rerun:
+    assert rc == 0, stderr[-4000:]
+  return workdir, interrupted, rerun
 
 
 @pytest.fixture(scope='module')
@@ -94,10 +110,18 @@ def two_device_run(tmp_path_factory):
 
 
 def test_two_processes_prepare_once_and_train(two_process_run):
-  workdir, results = two_process_run
+  workdir, interrupted, rerun = two_process_run
   assert (workdir / 'synthetic' / 'train_v2.csv').is_file()
+  assert sum('Downloading and preparing dataset' in out + err for _, out, err in interrupted) == 1
   assert [r['epoch'] for r in history(workdir)] == [1]
-  assert sum('epoch 1/1' in stdout for _, stdout, _ in results) == 1  # process 0 reports
+  assert sum('epoch 1/1' in stdout for _, stdout, _ in rerun) == 1  # process 0 reports
+
+
+def test_sigterm_to_both_processes_saves_one_step_and_the_rerun_resumes_there(two_process_run):
+  _, interrupted, rerun = two_process_run
+  saved = [int(s) for s in stderr_steps(interrupted)]
+  assert len(set(saved)) == 1 and 2 <= saved[0] < 5, interrupted  # one consistent step, mid-epoch
+  assert all(f'Resumed from step {saved[0]}' in out for _, out, _ in rerun), rerun
 
 
 def test_two_processes_equal_one_process_on_two_devices(two_process_run, two_device_run):
@@ -105,14 +129,15 @@ def test_two_processes_equal_one_process_on_two_devices(two_process_run, two_dev
   assert [r['step'] for r in got] == [r['step'] for r in want]
   # The same global batches and the same global BatchNorm: only the order of float32 sums
   # differs (gloo's all-reduce vs XLA's in-process one), ~1e-6 relative after 5 steps from
-  # random init at lr 0.05; 1e-4 leaves room without hiding a different batch (~1e-1).
+  # random init at lr 0.05; 1e-4 leaves room without hiding a different batch (~1e-1), nor
+  # a resume that skipped or repeated one, or lost the epoch's running loss.
   for g, w in zip(got, want):
     for key in ('train_loss', 'val_loss', 'val_map', 'val_mean_precision_at_0.5', 'lr'):
       np.testing.assert_allclose(g[key], w[key], rtol=1e-4, err_msg=key)
 
 
-def test_one_process_evaluates_the_two_process_checkpoint(two_process_run, tmp_path):
-  workdir, _ = two_process_run
+def test_one_process_evaluates_the_two_process_checkpoint(two_process_run):
+  workdir = two_process_run[0]
   done = subprocess.run(
       [sys.executable, '-m', 'rf_jax.main', '--mode', 'evaluate', '--workdir', str(workdir)],
       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=1500)
@@ -120,26 +145,6 @@ def test_one_process_evaluates_the_two_process_checkpoint(two_process_run, tmp_p
   assert 'REPRODUCED' in done.stdout and 'NOT REPRODUCED' not in done.stdout, done.stdout
   metrics = json.loads((workdir / 'eval' / 'metrics.json').read_text())
   assert metrics['step'] == 5 and metrics['num_chips'] == 20
-
-
-def test_sigterm_to_both_processes_then_rerun_is_exact(two_process_run, tmp_path):
-  workdir = tmp_path / 'preempted'
-  processes = start_two_processes(workdir)
-  deadline = time.monotonic() + 1500
-  while not (workdir / 'checkpoints' / '2').is_dir():  # mid-epoch: after the step-2 save
-    assert time.monotonic() < deadline and all(p.poll() is None for p in processes), (
-        [p.communicate() for p in processes if p.poll() is not None])
-    time.sleep(0.2)
-  for p in processes:
-    p.send_signal(signal.SIGTERM)
-  results = finish(processes)
-  for rc, _, stderr in results:
-    assert rc == 0, stderr[-4000:]
-  saved = [int(s) for s in stderr_steps(results)]
-  assert len(set(saved)) == 1 and saved[0] < 5, results  # one consistent step, mid-epoch
-  for rc, _, stderr in finish(start_two_processes(workdir)):
-    assert rc == 0, stderr[-4000:]
-  assert history(workdir) == history(two_process_run[0])
 
 
 def stderr_steps(results) -> list[str]:
