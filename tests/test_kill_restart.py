@@ -4,9 +4,10 @@ The smallest real run (rgb from scratch, 5 steps an epoch, 2 epochs, a checkpoin
 steps so that kills mid-epoch resume mid-epoch) is started as `python -m rf_jax.main` and
 interrupted in one sequence: SIGKILL during start-up, SIGTERM mid-epoch (it must save, say
 how to resume, and resume there), then SIGKILL at a random delay after each new checkpoint
-(mid-step, mid-save, mid-evaluation). Each time it is restarted with the same command. The finished run's history (without the timing keys) and every saved array
-equal an uninterrupted run's exactly. The session's persistent compilation cache
-(tests/conftest.py) makes each restart load the compiled steps instead of recompiling.
+(mid-step, mid-save, mid-evaluation). Each time it is restarted with the same command. The
+finished run's history (without the timing keys) and every saved array equal an uninterrupted
+run's exactly. The session's persistent compilation cache (tests/conftest.py) makes each
+restart load the compiled steps instead of recompiling.
 Set RF_JAX_KILL_SEED to draw other kill points.
 """
 

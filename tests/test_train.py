@@ -126,8 +126,10 @@ def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, pr
 def nan_loss(monkeypatch):
   """The training loss made NaN (and with it every gradient) in the steps built meanwhile."""
   real_loss = steps.sigmoid_bce
-  monkeypatch.setattr(steps, 'sigmoid_bce', lambda logits, labels: real_loss(logits, labels) * jnp.nan)
-  steps._create_runner.cache_clear()  # pylint: disable=protected-access  # traced with the real loss
+  monkeypatch.setattr(steps, 'sigmoid_bce',
+                      lambda logits, labels: real_loss(logits, labels) * jnp.nan)
+  # The memoised steps were traced with the real loss.
+  steps._create_runner.cache_clear()  # pylint: disable=protected-access
   yield
   steps._create_runner.cache_clear()  # pylint: disable=protected-access
 
