@@ -38,6 +38,9 @@ def test_quick_benchmark_end_to_end(tmp_path):
   assert pipe['workers'] >= 0
   assert pipe['train_cpu_ms_per_chip'] > 0 and pipe['eval_cpu_ms_per_chip'] > 0
   assert pipe['imread_ms_per_chip'] > 0
+  for mode in ('before', 'none', 'host', 'device'):  # host CPU per chip, each cache mode
+    assert pipe[mode]['host_ms_per_train_chip'] > 0, mode
+    assert pipe[mode]['host_ms_per_eval_chip'] > 0, mode
   assert report['table'].count('\n') >= 2
 
 

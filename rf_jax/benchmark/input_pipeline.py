@@ -109,11 +109,11 @@ def _prepare(root: pathlib.Path, settings: common.Settings):
 # --- host cost per cache mode, against the per-chip numpy path it replaced ----------------
 
 
-def _study_preprocess(data):
-  """The study config's input (its train transform, 224 px crop and eval size, 4 bands)."""
+def _study_preprocess(data, bands: tuple[int, ...] = (0, 1, 2, 3)):
+  """The study config's input (its train transform, 224 px crop and eval size) of `bands`."""
   from rf_jax import augment  # pylint: disable=g-import-not-at-top
   config = common.study_config()
-  return augment.create(data, bands=(0, 1, 2, 3), normalisation_name='dataset',
+  return augment.create(data, bands=bands, normalisation_name='dataset',
                         train_transform=config.data.train_transform,
                         crop_size=config.data.crop_size, eval_size=config.data.eval_size,
                         seed=common.SEED)
@@ -198,14 +198,13 @@ def augmentation_step_cost(data, settings: common.Settings) -> dict:
   """The rgb train step (random init, float32, batch --batch) on chips as stored with the
   study's input made in the step, against the same step on a ready 224 px float32 input:
   ms per step, best of alternating rounds, and their ratio."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from rf_jax import steps  # pylint: disable=g-import-not-at-top
   from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
-  p = dataclasses.replace(_study_preprocess(data), bands=(0, 1, 2))
+  p = _study_preprocess(data, bands=(0, 1, 2))  # normalised with the rgb bands' statistics
   model = registry.create_model('rgb', num_classes=17)
   variables = steps.init_variables(model, jax.random.key(0), p.crop_size, 3)
   raw = next(pipeline.train_loader(data, batch_size=settings.batch, seed=common.SEED))
