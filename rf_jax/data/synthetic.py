@@ -151,6 +151,27 @@ def _tags_string(row: np.ndarray) -> str:
   return ' '.join(t for t, v in zip(planet.TAGS, row) if v > 0)
 
 
+def _write_chips(root: Path, labels: dict, chip_size: int, layout: str,
+                 rng: np.random.Generator, noise: np.ndarray, desc: str) -> None:
+  """Renders and writes {'train': labels, 'test': labels} chips, in that order (the draws
+  from `rng` follow it), as <prefix>-tif-v2/<prefix>_<i>.tif, showing progress."""
+  total = sum(len(labs) for labs in labels.values())
+  with tqdm.tqdm(total=total, unit='chip', desc=desc, file=sys.stderr,
+                 mininterval=10.0) as progress:
+    for prefix, labs in labels.items():
+      if not len(labs):
+        continue
+      sub = root / f'{prefix}-tif-v2'
+      sub.mkdir()
+      for start in range(0, len(labs), CHUNK):
+        chips = render_chips(labs[start:start + CHUNK], chip_size, rng, noise)
+        if layout == 'course':
+          chips = to_course(chips)
+        for i, chip in enumerate(chips, start):
+          write_tif(sub / f'{prefix}_{i}.tif', chip, layout)
+        progress.update(len(chips))
+
+
 def write_dataset(out_dir, num_chips: int, chip_size: int = 256, seed: int = 0,
                   layout: str = 'kaggle', label_csv=None,
                   num_test: int = 0) -> Path:
@@ -190,21 +211,8 @@ def write_dataset(out_dir, num_chips: int, chip_size: int = 256, seed: int = 0,
     with open(tmp / 'train_v2.csv', 'w', encoding='utf-8', newline='\n') as f:
       f.write('image_name,tags\n')
       f.writelines(f'{n},{_tags_string(r)}\n' for n, r in zip(names, labels))
-    with tqdm.tqdm(total=num_chips + num_test, unit='chip',
-                   desc=f'Generating {out_dir.name}', file=sys.stderr,
-                   mininterval=10.0) as progress:
-      for sub, prefix, labs in (('train-tif-v2', 'train', labels),
-                                ('test-tif-v2', 'test', test_labels)):
-        if not len(labs):
-          continue
-        (tmp / sub).mkdir()
-        for start in range(0, len(labs), CHUNK):
-          chips = render_chips(labs[start:start + CHUNK], chip_size, rng, noise)
-          if layout == 'course':
-            chips = to_course(chips)
-          for i, chip in enumerate(chips, start):
-            write_tif(tmp / sub / f'{prefix}_{i}.tif', chip, layout)
-          progress.update(len(chips))
+    _write_chips(tmp, {'train': labels, 'test': test_labels}, chip_size, layout, rng,
+                 noise, desc=f'Generating {out_dir.name}')
     spec = dict(num_chips=num_chips, chip_size=chip_size, seed=seed,
                 layout=layout, num_test=num_test,
                 label_csv=os.path.basename(label_csv) if label_csv else None)
