@@ -78,6 +78,20 @@ def test_resize_flip_equals_numpy_reference_within_rounding(bands):
   assert not np.allclose(mirrored, got)  # the seed draws other flips
 
 
+def test_resize_flip_is_the_eval_input_flipped_or_not():
+  """The study's training input: the evaluation resize of the same chip, mirrored where the
+  draw says so, so training and evaluation see the same scale."""
+  p = _preprocess('resize_flip', crop=112, size=112)
+  chips, positions = _chips(), np.arange(8)
+  got = np.asarray(_train_input(p, chips, 4, positions))
+  evaluated = np.asarray(jax.jit(augment.eval_input, static_argnums=0)(p, chips))
+  _, flips = augment.draws(augment.example_keys(p.seed, 4, jnp.asarray(positions)), 128, 112)
+  flips = np.asarray(flips)
+  assert 0 < flips.sum() < 8
+  np.testing.assert_array_equal(got[~flips], evaluated[~flips])
+  np.testing.assert_array_equal(got[flips], evaluated[flips][:, :, ::-1])
+
+
 def test_draws_depend_on_seed_step_and_global_position_only():
   """A device holding positions 4..7 of the global batch draws what a single device draws for
   them; another step or seed draws otherwise."""
