@@ -28,6 +28,27 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   shutil.rmtree(_JIT_CACHE, ignore_errors=True)
 
+
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command): one group per file, so a
+# file's module fixtures are built once, on one worker. The files that start several rf_jax
+# processes of their own (2-process jobs, kill/restart timing) share a group, so they never
+# run at the same time and starve each other of the two cores. The slowest groups are queued
+# first (measured per file on 2 cores), so the other worker is not left alone with one at the
+# end; the rest keep their order.
+_GROUPS = {'test_multihost': 'processes', 'test_kill_restart': 'processes'}
+_SLOWEST_FIRST = ('test_multihost', 'test_kill_restart', 'test_evaluate', 'test_resnet',
+                  'test_bad_inputs', 'test_fusion', 'test_train', 'test_train_fidelity',
+                  'test_port', 'test_device_cache')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+  file_of = lambda item: item.path.stem
+  items.sort(key=lambda item: rank.get(file_of(item), len(rank)))  # stable: order kept
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(_GROUPS.get(file_of(item), file_of(item))))
+
 REAL_PLANET_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'planet'
 SYNTHETIC_CHIPS = 60
 SYNTHETIC_SIZE = 128
