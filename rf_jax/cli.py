@@ -48,6 +48,24 @@ def _fail(message: str, status: int = 1):
   sys.exit(status)
 
 
+# How another process's death reaches the survivors of a multi-process run: their next
+# collective fails (gloo on CPU, NCCL on GPUs) or the coordination service reports the task.
+PEER_FAILURE_MARKERS = ('Connection reset by peer', 'Connection closed by peer', 'heartbeat',
+                        'Barrier failed', 'unhealthy', 'NCCL')
+
+
+def _peer_failed(error: Exception, workdir: str) -> None:
+  """One error line and exit 1, skipping jax.distributed's shutdown at exit: its barrier would
+  wait for the dead process until the heartbeat timeout, then abort this one."""
+  first_line = str(error).strip().splitlines()[0]
+  print(f'error: process {jax.process_index()} of {jax.process_count()} stops: another process '
+        f'of this run has stopped ({first_line}). The last checkpoint in {workdir} is intact: '
+        'see the other processes\' logs, then rerun the whole job (every process) to resume '
+        'from it.', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
+
+
 def _config_arg(argv, missing: str) -> str:
   """The --config.* argument that names the key `missing` (or a generic hint)."""
   for arg in argv[1:]:
@@ -147,6 +165,10 @@ def reported(workdir: str):
           'intact: rerun the same command to resume from it.', status=130)
   except USER_ERRORS as e:
     _fail(str(e))
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1 or not any(m in str(e) for m in PEER_FAILURE_MARKERS):
+      raise
+    _peer_failed(e, workdir)
   except OSError as e:  # the file system refused (full disk, a path through a file, read-only)
     if e.errno not in FILESYSTEM_ERRNOS:
       raise

@@ -154,3 +154,50 @@ def stderr_steps(results) -> list[str]:
     line = next(l for l in stderr.splitlines() if 'saved step' in l)
     steps.append(line.split('saved step ')[1].split()[0])
   return steps
+
+
+PEER_DIED = ('UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] '
+             'Read error [127.0.0.1]:25293: Connection reset by peer')  # what process 0 got
+
+
+@pytest.fixture
+def two_processes_exiting(monkeypatch):
+  """cli.reported as process 0 of 2 sees it, with os._exit recorded instead of exiting."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def record_exit(status):
+    raise SystemExit(status)
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(os, '_exit', record_exit)
+
+
+def test_a_dead_process_makes_the_others_exit_with_one_error_line(two_processes_exiting, capsys):
+  """When one process is killed, the others' next collective fails (measured: 2 processes on
+  127.0.0.1, process 1 SIGKILLed mid-epoch, process 0 raised this at once); they exit 1 at once
+  instead of waiting in jax.distributed's shutdown barrier for the heartbeat timeout."""
+  del two_processes_exiting
+  import jax  # pylint: disable=g-import-not-at-top
+  from rf_jax import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as stopped:
+    with cli.reported('runs/W'):
+      raise jax.errors.JaxRuntimeError(PEER_DIED)
+  assert stopped.value.code == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert err.startswith('error: process 0 of 2 stops: another process of this run has stopped '
+                        f'({PEER_DIED}).'), err
+  assert 'runs/W is intact' in err and 'rerun the whole job' in err
+
+
+@pytest.mark.parametrize('message, processes', [
+    ('RESOURCE_EXHAUSTED: Out of memory allocating 4 GB', 2),  # not a peer's failure
+    (PEER_DIED, 1),  # a single process has no peer
+])
+def test_other_runtime_errors_keep_their_traceback(monkeypatch, message, processes):
+  import jax  # pylint: disable=g-import-not-at-top
+  from rf_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, 'process_count', lambda: processes)
+  with pytest.raises(jax.errors.JaxRuntimeError, match=message[:20]):
+    with cli.reported('runs/W'):
+      raise jax.errors.JaxRuntimeError(message)
