@@ -49,6 +49,7 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     item.add_marker(pytest.mark.xdist_group(_GROUPS.get(file_of(item), file_of(item))))
 
+
 REAL_PLANET_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'planet'
 SYNTHETIC_CHIPS = 60
 SYNTHETIC_SIZE = 128
