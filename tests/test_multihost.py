@@ -161,24 +161,23 @@ PEER_DIED = ('UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/
 
 
 @pytest.fixture
-def two_processes_exiting(monkeypatch):
-  """cli.reported as process 0 of 2 sees it, with os._exit recorded instead of exiting."""
-  import jax  # pylint: disable=g-import-not-at-top
+def exit_raises(monkeypatch):
+  """os._exit raises SystemExit instead, so the test process survives cli's exit."""
 
-  def record_exit(status):
+  def raise_exit(status):
     raise SystemExit(status)
 
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(os, '_exit', record_exit)
+  monkeypatch.setattr(os, '_exit', raise_exit)
 
 
-def test_a_dead_process_makes_the_others_exit_with_one_error_line(two_processes_exiting, capsys):
+@pytest.mark.usefixtures('exit_raises')
+def test_a_dead_process_makes_the_others_exit_with_one_error_line(monkeypatch, capsys):
   """When one process is killed, the others' next collective fails (measured: 2 processes on
   127.0.0.1, process 1 SIGKILLed mid-epoch, process 0 raised this at once); they exit 1 at once
   instead of waiting in jax.distributed's shutdown barrier for the heartbeat timeout."""
-  del two_processes_exiting
   import jax  # pylint: disable=g-import-not-at-top
   from rf_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)  # as process 0 of 2 sees it
   with pytest.raises(SystemExit) as stopped:
     with cli.reported('runs/W'):
       raise jax.errors.JaxRuntimeError(PEER_DIED)
