@@ -37,7 +37,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
   assert pipe['batches_per_s'] > 0 and pipe['supply_over_demand'] > 0
   assert pipe['workers'] >= 0
   assert pipe['train_cpu_ms_per_chip'] > 0 and pipe['eval_cpu_ms_per_chip'] > 0
-  assert pipe['imread_ms_per_chip'] > 0
+  assert pipe['imread_ms_per_chip'] > 0 and pipe['copy_ms_per_chip'] > 0
   for mode in ('before', 'none', 'host', 'device'):  # host CPU per chip, each cache mode
     assert pipe[mode]['host_ms_per_train_chip'] > 0, mode
     assert pipe[mode]['host_ms_per_eval_chip'] > 0, mode

@@ -9,6 +9,7 @@ import pytest
 
 from rf_jax import augment
 from rf_jax import parallel
+from rf_jax import steps
 from rf_jax.data import numpy_transforms
 from rf_jax.data import pipeline
 from rf_jax.data import planet
@@ -164,6 +165,23 @@ def test_resume_continues_exactly_on_any_process_count(prepared_synthetic, cache
   for s in range(3):
     np.testing.assert_array_equal(
         np.concatenate([h[s]['image'] for h in halves]), expected[s]['image'])
+
+
+@pytest.mark.parametrize('cache', ('none', 'host'))
+def test_batches_reach_the_cpu_device_without_a_copy(prepared_synthetic, cache):
+  """Batches are 64-byte aligned, so XLA:CPU adopts them as they are; the host cache hands an
+  evaluation batch over as a read-only view of the held split (no copy either)."""
+  runner = steps.create_runner('jit', flips=False)  # only its put_batch is used
+  train = next(_loader(prepared_synthetic, cache=cache))
+  evaluation = next(pipeline.eval_batches(prepared_synthetic, 'validation', batch_size=8,
+                                          cache=cache))
+  for batch in (train, evaluation):
+    placed = runner.put_batch(batch)[0]['image']
+    first = placed.addressable_shards[0]
+    assert first.index[0].start in (0, None)
+    assert first.data.unsafe_buffer_pointer() == batch['image'].ctypes.data
+  held_view = not evaluation['image'].flags.owndata and not evaluation['image'].flags.writeable
+  assert held_view == (cache == 'host')
 
 
 def test_reader_threads_read_the_same_batches(prepared_synthetic):

@@ -11,6 +11,7 @@ config's cache 'none' (each batch read from the prepared records):
 * eval: `pipeline.eval_batches` (`--eval-batch`, one pass in order, repeated) in chips/s and
   host CPU ms per chip, with `--workers` threads
 * `tifffile.imread` alone, ms per chip on one core: what reading the raw files would cost
+* `copy_ms_per_chip`: one chip copied within RAM, the floor of a host path that moves it once
 * `host_cost`: host CPU ms per training and per evaluation chip for each cache mode (none, host,
   device) and 'before' (the per-chip numpy path the steps replaced), JSON
   `pipeline.<mode>.host_ms_per_train_chip` / `host_ms_per_eval_chip`
@@ -93,6 +94,21 @@ def _imread_ms(paths: list[pathlib.Path], seconds: float) -> float:
   return (time.perf_counter() - start) / count * 1e3
 
 
+def _copy_ms(chip_size: int, seconds: float) -> float:
+  """CPU ms to copy one uint16 chip within RAM, both buffers already mapped: the floor of any
+  host path that moves each chip once (a gather; a GPU's staging copy)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rows = 64
+  source = np.ones((4 * rows, chip_size, chip_size, BANDS), np.uint16)
+  batch = np.zeros((rows,) + source.shape[1:], np.uint16)
+  order = np.random.default_rng(common.SEED).permutation(len(source))
+  copies, cpu, start = 0, time.process_time(), time.perf_counter()
+  while time.perf_counter() - start < seconds or copies < len(source):
+    batch[copies % rows] = source[order[copies % len(source)]]
+    copies += 1
+  return (time.process_time() - cpu) / copies * 1e3
+
+
 def _prepare(root: pathlib.Path, settings: common.Settings):
   """Synthetic chips of the study config's size (256 px, as the real ones), split as the
   study splits."""
@@ -147,10 +163,13 @@ def _before(data, settings: common.Settings, train: bool) -> Callable[[], int]:
 
 def _raw(data, settings: common.Settings, train: bool, cache: str) -> Callable[[], int]:
   """The loaders now: chips as stored (or indices into the split held on device) put on the
-  device, what the step then makes the input from."""
+  device by the runner, as training and evaluation put them, what the step then makes the
+  input from."""
   import jax  # pylint: disable=g-import-not-at-top
   from rf_jax import parallel  # pylint: disable=g-import-not-at-top
+  from rf_jax import steps  # pylint: disable=g-import-not-at-top
   from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  runner = steps.create_runner('jit', flips=False)  # nothing compiled: only its put_batch
   args = dict(cache=cache, threads=0, to_device=parallel.replicate)
   loader = pipeline.train_loader(data, batch_size=settings.batch, seed=common.SEED, **args)
   passes = iter(())
@@ -166,8 +185,7 @@ def _raw(data, settings: common.Settings, train: bool, cache: str) -> Callable[[
                                        **args)
         batch = next(passes)
       chips = int(batch['mask'].sum())
-    from_host = {k: v for k, v in batch.items() if k != 'cache'}
-    jax.block_until_ready(jax.device_put(from_host))
+    jax.block_until_ready(runner.put_batch(batch))
     return chips
 
   return next_batch
@@ -239,6 +257,7 @@ def run(settings: common.Settings) -> dict:
               'workers': settings.workers}
     tifs = sorted((root / 'raw').rglob('*.tif'))  # the train chips (no test chips made)
     result['imread_ms_per_chip'] = _imread_ms(tifs, settings.pipeline_seconds / 2)
+    result['copy_ms_per_chip'] = _copy_ms(data.chip_size, settings.pipeline_seconds / 4)
     counts = {settings.workers} | ({0} if settings.pipeline_zero_workers else set())
     result['runs'] = {str(n): _train(data, settings, n) for n in sorted(counts)}
     result['eval'] = _eval(data, settings)
@@ -270,7 +289,8 @@ def describe(pipe: dict) -> str:
                f'{run_["cpu_ms_per_chip"]:.2f} ms per chip')
   text += (f'. Eval: {pipe["eval"]["chips_per_s"]:.0f} chips/s, host CPU '
            f'{pipe["eval_cpu_ms_per_chip"]:.2f} ms per evaluation chip. '
-           f'tifffile.imread alone: {pipe["imread_ms_per_chip"]:.2f} ms per chip. '
+           f'tifffile.imread alone: {pipe["imread_ms_per_chip"]:.2f} ms per chip; one copy '
+           f'of a chip within RAM {pipe["copy_ms_per_chip"]:.3f} ms. '
            'Host CPU ms per train / eval chip (one thread, transfer included): ')
   text += ', '.join(f'{mode} {pipe[mode]["host_ms_per_train_chip"]:.3f} / '
                     f'{pipe[mode]["host_ms_per_eval_chip"]:.3f}'

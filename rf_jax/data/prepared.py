@@ -27,6 +27,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rf_jax.data import example_wire
 from rf_jax.data import planet
 from rf_jax.data import synthetic as synthetic_lib
 from rf_jax.data import tfds_planet
@@ -43,9 +44,10 @@ class PlanetSource:
   dataset is refused instead of silently continuing elsewhere.
   """
 
-  def __init__(self, source, description: str = ''):
+  def __init__(self, source, description: str = '', data_dir: str = ''):
     self._source = source
     self._description = description or repr(source)
+    self._data_dir = data_dir
 
   def __len__(self) -> int:
     return len(self._source)
@@ -55,6 +57,26 @@ class PlanetSource:
     name = record['name']
     return {'image': record['image'], 'labels': record['labels'],
             'name': name.decode() if isinstance(name, bytes) else name}
+
+  def read_into(self, index: int, image: np.ndarray) -> np.ndarray:
+    """Copies record `index`'s chip into `image` (a buffer of the chip's stored dtype and
+    shape) straight from the record's bytes, undecoded; returns its labels, float32 [17]."""
+    serialized = self._source.data_source[index]
+    try:
+      spans = example_wire.feature_spans(serialized)
+      chip, labels = spans['image'], spans['labels']
+      if chip.end - chip.start != image.nbytes:
+        raise example_wire.WireError(f'its image holds {chip.end - chip.start} bytes, not '
+                                     f'{image.nbytes} ({image.dtype} {image.shape})')
+    except (example_wire.WireError, KeyError) as e:
+      raise planet.PlanetDataError(
+          f'{self!r}: record {index} is not a prepared chip ({e}): the prepared dataset '
+          f'{self._data_dir or "(its data_dir)"} is damaged; delete it and run again to '
+          'rebuild it') from e
+    image[...] = np.frombuffer(serialized, image.dtype, image.size,
+                               chip.start).reshape(image.shape)
+    return np.frombuffer(serialized, '<f4', (labels.end - labels.start) // 4,
+                         labels.start).astype(np.float32)
 
   def __repr__(self) -> str:
     return f'PlanetSource({self._description}, len={len(self)})'
@@ -249,7 +271,8 @@ def _sources(builder) -> dict[str, PlanetSource]:
           f'delete {builder.data_dir} and run again to rebuild it')
     sources[split] = PlanetSource(
         builder.as_data_source(split),
-        f'{builder.name}/{builder.builder_config.name}/{split}')
+        f'{builder.name}/{builder.builder_config.name}/{split}',
+        str(builder.data_dir))
   return sources
 
 
