@@ -8,6 +8,7 @@ One process per framework run, the frameworks alternating A B A B over `--rounds
   python scripts/benchmark.py --dtype bfloat16     # on a GPU (both sides autocast/bf16)
   python scripts/benchmark.py --conv-profile       # each ResNet-18 conv shape alone
   python scripts/benchmark.py --pipeline-only --workers 0   # host CPU ms per chip
+  python scripts/benchmark.py --profile            # train step ms per op kind, both sides
 
 docs/performance.md says what is measured and how.
 """
@@ -62,6 +63,10 @@ _CONV_PROFILE = flags.DEFINE_boolean(
     'conv-profile', False, 'instead: time each ResNet-18 conv shape alone (fwd, fwd+bwd)')
 _PIPELINE_ONLY = flags.DEFINE_boolean(
     'pipeline-only', False, 'instead: only the input pipeline (batches/s, CPU ms per chip)')
+_PROFILE = flags.DEFINE_boolean(
+    'profile', False, "instead: each train step's time per op kind (convolution, "
+    'transpose/copy, batchnorm, elementwise) in both frameworks, and the transposes XLA '
+    'inserted')
 
 
 def _settings() -> common.Settings:
@@ -85,8 +90,9 @@ def _print_header(report: dict, settings: common.Settings) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}: every option is a --flag')
-  if _CONV_PROFILE.value and _PIPELINE_ONLY.value:
-    sys.exit('error: --conv-profile and --pipeline-only each replace the benchmark: give one')
+  if _CONV_PROFILE.value + _PIPELINE_ONLY.value + _PROFILE.value > 1:
+    sys.exit('error: --conv-profile, --pipeline-only and --profile each replace the '
+             'benchmark: give one')
   settings = _settings()
   if settings.size < 96:
     print('note: below 96 px XLA:CPU is pathologically slow (DESIGN.md section 4)',
@@ -96,6 +102,8 @@ def main(argv: list[str]) -> None:
       report = orchestrate.conv_profile(settings)
     elif _PIPELINE_ONLY.value:
       report = orchestrate.pipeline_only(settings)
+    elif _PROFILE.value:
+      report = orchestrate.profile(settings)
     else:
       report = orchestrate.benchmark(settings)
       _print_header(report, settings)

@@ -17,7 +17,7 @@ from rf_jax.benchmark import common
 from rf_jax.benchmark import jax_patches
 
 
-def _train_state(variant: str, settings: common.Settings):
+def train_state(variant: str, settings: common.Settings):
   """A fresh train state of the study model `variant`, with the study's optimiser."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -44,7 +44,7 @@ def run(settings: common.Settings, variant: str) -> dict:
 
   rss_imports = common.maxrss_mb()
   runner = steps.create_runner('jit', flips=False)
-  holder = {'state': runner.put_state(_train_state(variant, settings))}
+  holder = {'state': runner.put_state(train_state(variant, settings))}
 
   def train_fn(batch):
     holder['state'], loss = runner.train_step(holder['state'], runner.put_batch(batch))

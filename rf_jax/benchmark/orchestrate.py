@@ -22,6 +22,7 @@ import time
 from rf_jax.benchmark import common
 from rf_jax.benchmark import convs
 from rf_jax.benchmark import input_pipeline
+from rf_jax.benchmark import op_profile
 from rf_jax.benchmark import summary
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision', 'grain', 'numpy')
@@ -171,4 +172,24 @@ def conv_profile(settings: common.Settings) -> dict:
                                        layout=layout)['convs']
   report['convs'] = results
   report['table'], report['totals_s'] = convs.table(results, settings)
+  return report
+
+
+def profile(settings: common.Settings) -> dict:
+  """Each variant's train step per op kind, rf_jax and each PyTorch layout (op_profile)."""
+  report = _report(settings)
+  started = time.perf_counter()
+  results = {}
+  for variant in settings.variant:
+    sides = results[variant] = {}
+    if 'jax' in settings.frameworks:
+      sides['rf_jax'] = spawn('op_profile', settings, variant=variant, framework='jax')
+    if 'torch' in settings.frameworks:
+      for layout in settings.torch_layouts:
+        sides[f'torch_{layout}'] = spawn('op_profile', settings, variant=variant,
+                                         framework='torch', layout=layout)
+  report['profile'] = results
+  report['table'] = op_profile.table(results, settings)
+  report['load_after'] = _load()
+  report['wall_s'] = time.perf_counter() - started
   return report

@@ -16,7 +16,7 @@ from rf_jax.benchmark import common
 from rf_jax.benchmark import torch_models
 
 
-def _steps(model, settings: common.Settings, device, layout: str):
+def create_steps(model, settings: common.Settings, device, layout: str):
   """(train_fn, eval_fn) of `model`, each taking a numpy batch and blocking until done."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
@@ -66,7 +66,7 @@ def run(settings: common.Settings, variant: str, layout: str) -> dict:
   torch.manual_seed(common.SEED)
   fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
   model = torch_models.torch_model(variant).to(device=device, memory_format=fmt)
-  train_fn, eval_fn = _steps(model, settings, device, layout)
+  train_fn, eval_fn = create_steps(model, settings, device, layout)
   channels = 3 if variant == 'rgb' else 4  # registry.input_bands, without flax in this process
   result = {'framework': 'pytorch', 'layout': layout, 'threads': threads,
             'device': str(device), 'rss_after_imports_mb': rss_imports}
