@@ -25,6 +25,7 @@ import time
 from absl import app
 
 from rf_jax.benchmark import common
+from rf_jax.benchmark import jax_patches
 
 KINDS = ('convolution', 'transpose/copy', 'batchnorm', 'elementwise', 'other')
 _NORM_SCOPE = re.compile(r'/(bn\d|downsample_1)/')  # the BatchNorm modules' op_name scopes
@@ -105,6 +106,7 @@ def _trace_ms(trace_dir: str, kinds: dict[str, str], steps: int) -> dict[str, fl
 
 
 def _jax(settings: common.Settings, variant: str) -> dict:
+  patches = jax_patches.apply(settings.jax_patch)  # before anything is built
   import jax  # pylint: disable=g-import-not-at-top
   from rf_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from rf_jax.benchmark import jax_child  # pylint: disable=g-import-not-at-top
@@ -131,7 +133,8 @@ def _jax(settings: common.Settings, variant: str) -> dict:
     ms = _trace_ms(trace_dir, kinds, settings.steps)
   ms['convolution'] = max(traced_s * 1e3 - sum(v for k, v in ms.items() if k != 'convolution'),
                           0.0)
-  return {'step_ms': step_s * 1e3, 'traced_step_ms': traced_s * 1e3, 'ms': ms, **counts}
+  return {'step_ms': step_s * 1e3, 'traced_step_ms': traced_s * 1e3, 'ms': ms,
+          'patches': patches, **counts}
 
 
 # --- PyTorch ---------------------------------------------------------------------------------

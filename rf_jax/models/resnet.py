@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from rf_jax.models import conv as convolution
+
 ModuleDef = Any
 
 # torchvision: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu').
@@ -129,7 +131,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
+                             param_dtype=self.param_dtype, kernel_init=conv_kernel_init,
+                             conv_general_dilated=convolution.conv_general_dilated)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, axis_name=self.axis_name)
