@@ -56,6 +56,12 @@ class ChipSource:
     image = planet.read_chip(path, self._layout, expected_size=self._chip_size)
     return {'image': image, 'labels': np.zeros(planet.NUM_TAGS, np.float32), 'name': path.stem}
 
+  def read_into(self, index: int, image: np.ndarray) -> np.ndarray:
+    """Chip `index` copied into `image`; its labels (zeros: the chips are unlabelled)."""
+    record = self[index]
+    image[...] = record['image']
+    return record['labels']
+
 
 def _chips_as_data(paths, wd: workdir_lib.Workdir) -> prepared.PlanetData:
   """The chips in the place of a validation split, with the run's statistics and layout."""

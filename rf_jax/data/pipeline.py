@@ -7,6 +7,9 @@ Batches: {'image': uint16 (Kaggle) | uint8 (course) [b, S, S, 4] (R,G,B,NIR, ful
 is {'index': int32 [b], 'cache': {'image', 'labels'} (the whole split, on device)} (+ 'mask'),
 and the step gathers its rows there; index len(split) marks a padding row (zeros).
 
+A split's source has len(), source[i] -> {'image', 'labels', ...} and source.read_into(i, image)
+-> labels, which copies chip i into a batch row (prepared.PlanetSource; chip_scores.ChipSource).
+
 `cache` (CACHES): 'none' reads each batch's records; 'host' reads the split once into one
 array in RAM and gathers batches from it; 'device' places that array in accelerator memory once.
 
