@@ -56,6 +56,21 @@ def _chip(source) -> tuple[tuple[int, ...], np.dtype]:
   return image.shape, image.dtype
 
 
+def _gather(source, indices: np.ndarray, shape, dtype, map_rows=map) -> dict:
+  """A fresh aligned batch of `source`'s records `indices` (padding -1 last: zero rows), each
+  chip copied into its row by `source.read_into`; `map_rows` runs the rows (map, a pool's)."""
+  images = aligned_empty((len(indices),) + tuple(shape), dtype)
+  labels = np.zeros((len(indices), planet.NUM_TAGS), np.float32)
+  valid = indices[indices >= 0].tolist()
+  images[len(valid):] = 0
+
+  def fill(row: int) -> None:
+    labels[row] = source.read_into(valid[row], images[row])
+
+  list(map_rows(fill, range(len(valid))))
+  return {'image': images, 'labels': labels}
+
+
 class _Records:
   """cache='none': each batch's records read from the source, by `threads` threads (0: here),
   each chip copied from its record straight into the batch."""
@@ -65,16 +80,8 @@ class _Records:
     self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads else None
 
   def read(self, indices: np.ndarray) -> dict:
-    images = aligned_empty((len(indices),) + self.shape, self.dtype)
-    labels = np.zeros((len(indices), planet.NUM_TAGS), np.float32)
-    valid = indices[indices >= 0].tolist()  # padding (-1) comes last
-    images[len(valid):] = 0
-
-    def fill(row: int) -> None:
-      labels[row] = self.source.read_into(valid[row], images[row])
-
-    list((self.pool.map if self.pool else map)(fill, range(len(valid))))
-    return {'image': images, 'labels': labels}
+    return _gather(self.source, indices, self.shape, self.dtype,
+                   self.pool.map if self.pool else map)
 
 
 class _HostArrays:
@@ -84,19 +91,17 @@ class _HostArrays:
   def __init__(self, images: np.ndarray, labels: np.ndarray):
     self.images, self.labels = images, labels
 
+  def read_into(self, index: int, image: np.ndarray) -> np.ndarray:
+    image[...] = self.images[index]  # a row copy: faster than np.take into a batch
+    return self.labels[index]
+
   def read(self, indices: np.ndarray) -> dict:
     valid = indices[indices >= 0]  # padding (-1) comes last
     first = int(valid[0]) if len(valid) else 0
     if len(valid) == len(indices) and np.array_equal(valid, first + np.arange(len(valid))):
       return {'image': self.images[first:first + len(valid)],
               'labels': self.labels[first:first + len(valid)]}
-    images = aligned_empty((len(indices),) + self.images.shape[1:], self.images.dtype)
-    for row, index in enumerate(valid.tolist()):  # a row loop copies faster than np.take
-      images[row] = self.images[index]
-    images[len(valid):] = 0
-    labels = np.zeros((len(indices), planet.NUM_TAGS), np.float32)
-    labels[:len(valid)] = self.labels[valid]
-    return {'image': images, 'labels': labels}
+    return _gather(self, indices, self.images.shape[1:], self.images.dtype)
 
 
 class _DeviceArrays:
