@@ -46,6 +46,9 @@ _SETTINGS = {
         'rf_jax/benchmark/jax_patches.py)'),
     'xla_flags': flags.DEFINE_string('xla-flags', None,
                                      'appended to XLA_FLAGS for the rf_jax runs'),
+    'preload': flags.DEFINE_string(
+        'preload', None, 'LD_PRELOAD for both sides\' processes, e.g. a caching malloc '
+        '(libtcmalloc_minimal.so.4: docs/performance.md)'),
     'pipeline_chips': flags.DEFINE_integer('pipeline-chips', None,
                                            'synthetic chips for the pipeline (300; --quick 48)'),
     'pipeline_seconds': flags.DEFINE_float(
@@ -84,7 +87,7 @@ def _print_header(report: dict, settings: common.Settings) -> None:
   print(f'size {settings.size}, batch {settings.batch} train / {settings.eval_batch} eval, '
         f'{settings.dtype}, {settings.steps} train / {settings.eval_steps} eval timed steps x '
         f'{settings.rounds} rounds; torch threads {common.cores()}; '
-        f'wall {report.get("wall_s", 0):.0f} s')
+        f'LD_PRELOAD {settings.preload or "none"}; wall {report.get("wall_s", 0):.0f} s')
 
 
 def main(argv: list[str]) -> None:

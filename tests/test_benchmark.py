@@ -55,3 +55,15 @@ def test_benchmark_variants_are_the_registry_models():
   from rf_jax.benchmark import common  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
   assert common.VARIANTS == registry.MODEL_NAMES
+
+
+def test_preload_reaches_both_sides_and_a_missing_library_is_an_error(monkeypatch):
+  from rf_jax.benchmark import common  # pylint: disable=g-import-not-at-top
+  from rf_jax.benchmark import orchestrate  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('LD_PRELOAD', raising=False)
+  preloaded = common.create_settings(quick=True, preload='libc.so.6')
+  assert [orchestrate._child_env(preloaded, jax_side).get('LD_PRELOAD')
+          for jax_side in (True, False)] == ['libc.so.6', 'libc.so.6']
+  assert 'LD_PRELOAD' not in orchestrate._child_env(common.create_settings(quick=True), True)
+  with pytest.raises(ValueError, match=r"--preload='libno_such_malloc.so' cannot be loaded"):
+    common.create_settings(quick=True, preload='libno_such_malloc.so')

@@ -61,5 +61,44 @@ def test_profile_end_to_end(tmp_path):
   for side in sides.values():
     assert side['ms']['convolution'] > 0 and side['step_ms'] > 0
     assert set(side['ms']) <= set(op_profile.KINDS)
+    assert side['kernel_ms_per_step'] >= 0 and side['page_faults_per_step'] >= 0
   assert sides['rf_jax']['relayouts_into_convolutions'] > 0
+  assert '| kernel (sys) CPU ms' in proc.stdout
   assert '| transpose/copy |' in proc.stdout and 'feeding one of its' in proc.stdout
+
+
+_RELAYOUT_FEEDING_A_DOT = """\
+HloModule m
+
+%fused_relayout (p0: f32[4,8,8,16], p1: f32[16]) -> f32[1024,4] {
+  %p0 = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  %p1 = f32[16]{0} parameter(1)
+  %b = f32[4,8,8,16]{3,2,1,0} broadcast(%p1), dimensions={3}, metadata={op_name="jit(f)/bn1/mul"}
+  %m = f32[4,8,8,16]{3,2,1,0} multiply(%p0, %b), metadata={op_name="jit(f)/bn1/mul"}
+  %t = f32[8,8,16,4]{2,1,0,3} transpose(%m), dimensions={1,2,3,0}
+  %c = f32[8,8,16,4]{3,2,1,0} copy(%t)
+  ROOT %r = f32[1024,4]{1,0} bitcast(%c)
+}
+
+%fused_scale (p0: f32[4,8,8,16], p1: f32[16]) -> f32[4,8,8,16] {
+  %p0 = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  %p1 = f32[16]{0} parameter(1)
+  %b = f32[4,8,8,16]{3,2,1,0} broadcast(%p1), dimensions={3}, metadata={op_name="jit(f)/bn1/mul"}
+  ROOT %m = f32[4,8,8,16]{3,2,1,0} multiply(%p0, %b), metadata={op_name="jit(f)/bn1/mul"}
+}
+
+ENTRY %main (x: f32[4,8,8,16], s: f32[16]) -> f32[1024,4] {
+  %x = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  %s = f32[16]{0} parameter(1)
+  %scaled = f32[4,8,8,16]{3,2,1,0} fusion(%x, %s), kind=kLoop, calls=%fused_scale
+  ROOT %relayout = f32[1024,4]{1,0} fusion(%scaled, %s), kind=kLoop, calls=%fused_relayout
+}
+"""
+
+
+def test_a_relayout_ending_in_a_bitcast_is_a_relayout_not_batchnorm():
+  """XLA fuses BatchNorm's recomputation into the copy that relayouts a kernel gradient's
+  input for a dot, and bitcasts its result: the time is the relayout's."""
+  kinds, counts = op_profile.hlo_kinds(_RELAYOUT_FEEDING_A_DOT)
+  assert (kinds['scaled'], kinds['relayout']) == ('batchnorm', 'transpose/copy')
+  assert counts == {'relayouts': 1, 'relayouts_into_convolutions': 0, 'convolutions': 0}

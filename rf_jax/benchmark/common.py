@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import ctypes
 import dataclasses
 import json
 import os
@@ -40,6 +41,7 @@ class Settings:
   no_eval: bool
   jax_patch: tuple[str, ...]  # jax_patches.NAMES
   xla_flags: str  # appended to XLA_FLAGS for the rf_jax processes
+  preload: str  # LD_PRELOAD for every child process ('' = none)
   pipeline_chips: int  # synthetic chips generated for the pipeline
   pipeline_seconds: float  # timed seconds per pipeline measurement; 0 skips it
   pipeline_zero_workers: bool  # also measure the pipeline reading in the calling thread
@@ -53,7 +55,7 @@ class Settings:
 
 # The fields no preset sets; workers is study_config()'s data.num_workers.
 DEFAULTS = dict(variant=VARIANTS, dtype='float32', torch_layouts=('channels_last',),
-                frameworks=FRAMEWORKS, no_eval=False, jax_patch=(), xla_flags='',
+                frameworks=FRAMEWORKS, no_eval=False, jax_patch=(), xla_flags='', preload='',
                 pipeline_zero_workers=False)
 # Fields a preset fills when the command line leaves them unset.
 FULL = dict(batch=16, eval_batch=64, size=256, steps=4, eval_steps=2, warmup=1, rounds=2,
@@ -89,6 +91,11 @@ def create_settings(quick: bool = False, **given) -> Settings:
   for flag in ('batch', 'eval_batch', 'size', 'steps', 'eval_steps', 'rounds', 'pipeline_chips'):
     if getattr(settings, flag) < 1:
       raise ValueError(f'--{flag.replace("_", "-")}={getattr(settings, flag)}: must be >= 1')
+  if settings.preload:
+    try:  # the loader only warns about a preload it cannot find, and runs without it
+      ctypes.CDLL(settings.preload)
+    except OSError as e:
+      raise ValueError(f'--preload={settings.preload!r} cannot be loaded: {e}') from None
   if settings.workers < 0:
     raise ValueError(f'--workers={settings.workers}: must be >= 0')
   return settings

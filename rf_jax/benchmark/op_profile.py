@@ -9,6 +9,9 @@ step's wall time less every other kind's (what no other op accounts for).
 PyTorch: the same steps as torch_child under `torch.profiler`, each op's self CPU time
 summed per kind (oneDNN runs inside its op's event, so the kinds add up to the step).
 
+Both: the untraced steps' kernel (sys) CPU time and minor page faults, per step: each fault
+is a fresh zeroed page of a buffer the allocator took from the OS for this step.
+
   python -m rf_jax.benchmark.op_profile job.json result.json   (spawned by orchestrate)
 """
 
@@ -19,6 +22,7 @@ import gzip
 import json
 import pathlib
 import re
+import resource
 import tempfile
 import time
 
@@ -30,6 +34,24 @@ from rf_jax.benchmark import jax_patches
 KINDS = ('convolution', 'transpose/copy', 'batchnorm', 'elementwise', 'other')
 _NORM_SCOPE = re.compile(r'/(bn\d|downsample_1)/')  # the BatchNorm modules' op_name scopes
 _TRANSPOSE_OPS = ('transpose', 'copy')
+
+
+class _KernelCost:
+  """The kernel time (sys CPU seconds, all threads) and minor page faults of the steps run
+  inside it, per step: what the process paid the OS for memory it allocated afresh."""
+
+  def __init__(self, steps: int):
+    self.steps, self.per_step = steps, {}
+
+  def __enter__(self):
+    self._start = resource.getrusage(resource.RUSAGE_SELF)
+    return self
+
+  def __exit__(self, *exc):
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    self.per_step = {
+        'kernel_ms_per_step': (end.ru_stime - self._start.ru_stime) * 1e3 / self.steps,
+        'page_faults_per_step': (end.ru_minflt - self._start.ru_minflt) / self.steps}
 
 
 # --- rf_jax: the optimised HLO ---------------------------------------------------------------
@@ -60,11 +82,28 @@ def _instruction(line: str) -> tuple[str, str, list[str], str]:
   return name, opcode, operands, called.group(1) if called else ''
 
 
+def _root_opcode(body: list[str]) -> str:
+  """The opcode of a fused computation's result, looking through bitcasts (a relayout
+  feeding a dot ends in bitcast(copy(...)), and still recomputes its producers)."""
+  ops = {}
+  root = ''
+  for line in body:
+    name, opcode, operands, _ = _instruction(line)
+    ops[name] = (opcode, operands)
+    if 'ROOT ' in line:
+      root = name
+  opcode, operands = ops.get(root, ('', []))
+  while opcode == 'bitcast' and operands and operands[0] in ops:
+    opcode, operands = ops[operands[0]]
+  return opcode
+
+
 def hlo_kinds(hlo: str) -> tuple[dict[str, str], dict]:
   """({top-level instruction name: KIND}, transpose counts) of an optimised HLO module.
 
-  A fusion is 'transpose/copy' when its result is a transpose or copy (XLA's relayouts,
-  often with the producers' elementwise work fused in), 'batchnorm' when its ops come from
+  A fusion is 'transpose/copy' when its result is a transpose or copy, bitcasts aside (XLA's
+  relayouts, often with the producers' elementwise work fused in: BatchNorm's, the residual
+  add's, ReLU's), 'batchnorm' when its ops come from
   a BatchNorm module, 'elementwise' otherwise; counts: every top-level relayout, and those
   whose result is an operand of a convolution.
   """
@@ -78,9 +117,7 @@ def hlo_kinds(hlo: str) -> tuple[dict[str, str], dict]:
       convs.append(operands)
       continue
     body = comps.get(called, [])
-    root = next((l for l in body if 'ROOT ' in l), '')
-    if opcode in _TRANSPOSE_OPS or (opcode == 'fusion' and re.search(
-        r' (transpose|copy)\(', root)):
+    if opcode in _TRANSPOSE_OPS or (opcode == 'fusion' and _root_opcode(body) in _TRANSPOSE_OPS):
       kinds[name] = 'transpose/copy'
       relayouts.add(name)
     elif opcode == 'fusion' or called:
@@ -126,7 +163,8 @@ def _jax(settings: common.Settings, variant: str) -> dict:
     return (time.perf_counter() - start) / n
 
   steps(1 + settings.warmup)
-  step_s = steps(settings.steps)
+  with _KernelCost(settings.steps) as kernel:
+    step_s = steps(settings.steps)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       traced_s = steps(settings.steps)
@@ -134,7 +172,7 @@ def _jax(settings: common.Settings, variant: str) -> dict:
   ms['convolution'] = max(traced_s * 1e3 - sum(v for k, v in ms.items() if k != 'convolution'),
                           0.0)
   return {'step_ms': step_s * 1e3, 'traced_step_ms': traced_s * 1e3, 'ms': ms,
-          'patches': patches, **counts}
+          'patches': patches, **kernel.per_step, **counts}
 
 
 # --- PyTorch ---------------------------------------------------------------------------------
@@ -171,10 +209,11 @@ def _torch(settings: common.Settings, variant: str, layout: str) -> dict:
   model.train()
   for _ in range(1 + settings.warmup):
     train_fn(batch)
-  start = time.perf_counter()
-  for _ in range(settings.steps):
-    train_fn(batch)
-  step_s = (time.perf_counter() - start) / settings.steps
+  with _KernelCost(settings.steps) as kernel:
+    start = time.perf_counter()
+    for _ in range(settings.steps):
+      train_fn(batch)
+    step_s = (time.perf_counter() - start) / settings.steps
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
     start = time.perf_counter()
     for _ in range(settings.steps):
@@ -183,7 +222,8 @@ def _torch(settings: common.Settings, variant: str, layout: str) -> dict:
   ms = collections.Counter()
   for row in prof.key_averages():
     ms[torch_kind(row.key)] += row.self_cpu_time_total / 1e3 / settings.steps
-  return {'step_ms': step_s * 1e3, 'traced_step_ms': traced_s * 1e3, 'ms': dict(ms)}
+  return {'step_ms': step_s * 1e3, 'traced_step_ms': traced_s * 1e3, 'ms': dict(ms),
+          **kernel.per_step}
 
 
 def run(settings: common.Settings, variant: str, framework: str, layout: str = '') -> dict:
@@ -204,6 +244,9 @@ def table(results: dict[str, dict[str, dict]], settings: common.Settings) -> str
                                               for s in names]) + ' |')
     lines.append('| **step (traced / untraced)** | ' + ' | '.join(
         f'{sides[s]["traced_step_ms"]:.0f} / {sides[s]["step_ms"]:.0f}' for s in names) + ' |')
+    lines.append('| kernel (sys) CPU ms, all threads / minor page faults | ' + ' | '.join(
+        f'{sides[s]["kernel_ms_per_step"]:.0f} / {sides[s]["page_faults_per_step"]:.0f}'
+        for s in names) + ' |')
     jax_side = sides.get('rf_jax')
     if jax_side:
       lines.append(f'\nrf_jax {variant}: {jax_side["relayouts"]} transposes/copies in the '

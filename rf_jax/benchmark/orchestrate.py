@@ -58,6 +58,8 @@ def _child_env(settings: common.Settings, jax_side: bool) -> dict:
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if jax_side and settings.xla_flags:  # after rf_jax's own: a flag given here wins
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + settings.xla_flags).strip()
+  if settings.preload:  # both sides: a process-wide allocator is not one framework's doing
+    env['LD_PRELOAD'] = ' '.join(p for p in (settings.preload, env.get('LD_PRELOAD', '')) if p)
   return env
 
 
