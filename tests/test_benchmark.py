@@ -67,3 +67,22 @@ def test_preload_reaches_both_sides_and_a_missing_library_is_an_error(monkeypatc
   assert 'LD_PRELOAD' not in orchestrate._child_env(common.create_settings(quick=True), True)
   with pytest.raises(ValueError, match=r"--preload='libno_such_malloc.so' cannot be loaded"):
     common.create_settings(quick=True, preload='libno_such_malloc.so')
+
+
+_BIAS_ONLY_PROBE = '''
+import jax, json
+from rf_jax.benchmark import jax_patches
+jax_patches.apply(('batchnorm_bias_only',))
+from rf_jax import steps
+from rf_jax.models import registry
+model = registry.create_model('rgb', num_classes=17)
+variables = steps.init_variables(model, jax.random.key(0), 96, 3)
+print(json.dumps({'bn1': sorted(variables['params']['bn1']),
+                  'bn1_stats': sorted(variables['batch_stats']['bn1'])}))
+'''
+
+
+def test_batchnorm_bias_only_patch_leaves_each_norm_its_bias_alone():
+  proc = subprocess.run([sys.executable, '-c', _BIAS_ONLY_PROBE], capture_output=True, text=True,
+                        timeout=120, check=True)
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {'bn1': ['bias'], 'bn1_stats': ['unused']}
