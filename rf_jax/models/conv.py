@@ -5,9 +5,10 @@ A convolution's kernel gradient contracts over the batch, so XLA:CPU's Eigen ker
 layer's input laid out [C, H, W, N]. XLA makes that layout by fusing the input's producers
 (BatchNorm, the residual add, ReLU) into a strided transpose loop: 56 such loops took ~0.5 s of
 a ~2.9 s rgb train step (`scripts/benchmark.py --profile`). Here the backward pass instead
-relayouts the stored input with a matrix product by the identity (exact, and XLA does not fuse
-into it, so it reads the activation once, in order) into [H, W, C, N], and takes JAX's own
-kernel gradient of the same convolution stated on that layout. Other platforms keep lax's
+relayouts the stored input with a matrix product by the identity (exact; XLA fuses nothing into
+a product, though for some layers it still recomputes the producers into a copy of the
+product's operand) into [H, W, C, N], and takes JAX's own kernel gradient of the same
+convolution stated on that layout. Other platforms keep lax's
 gradient (`lax.platform_dependent`): their libraries have kernel-gradient kernels of their own.
 """
 
