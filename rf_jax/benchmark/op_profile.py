@@ -103,9 +103,9 @@ def hlo_kinds(hlo: str) -> tuple[dict[str, str], dict]:
 
   A fusion is 'transpose/copy' when its result is a transpose or copy, bitcasts aside (XLA's
   relayouts, often with the producers' elementwise work fused in: BatchNorm's, the residual
-  add's, ReLU's), 'batchnorm' when its ops come from
-  a BatchNorm module, 'elementwise' otherwise; counts: every top-level relayout, and those
-  whose result is an operand of a convolution.
+  add's, ReLU's), 'batchnorm' when its ops come from a BatchNorm module, 'elementwise'
+  otherwise; counts: every top-level relayout, and those whose result is an operand of a
+  convolution.
   """
   comps = _computations(hlo)
   kinds, relayouts, into_convs = {}, set(), set()
