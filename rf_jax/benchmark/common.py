@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-import ctypes
 import dataclasses
 import json
 import os
 import pathlib
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -92,10 +92,13 @@ def create_settings(quick: bool = False, **given) -> Settings:
     if getattr(settings, flag) < 1:
       raise ValueError(f'--{flag.replace("_", "-")}={getattr(settings, flag)}: must be >= 1')
   if settings.preload:
-    try:  # the loader only warns about a preload it cannot find, and runs without it
-      ctypes.CDLL(settings.preload)
-    except OSError as e:
-      raise ValueError(f'--preload={settings.preload!r} cannot be loaded: {e}') from None
+    # Ask the loader the children will use (loading it here would put the library in this
+    # process too); it only warns about a preload it cannot open, and runs without it.
+    probe = subprocess.run([sys.executable, '-c', ''], capture_output=True, text=True,
+                           env={**os.environ, 'LD_PRELOAD': settings.preload}, check=False)
+    if probe.returncode or 'cannot be preloaded' in probe.stderr:
+      raise ValueError(f'--preload={settings.preload!r} cannot be loaded: '
+                       f'{probe.stderr.strip() or f"exit {probe.returncode}"}')
   if settings.workers < 0:
     raise ValueError(f'--workers={settings.workers}: must be >= 0')
   return settings
