@@ -1,4 +1,4 @@
-r"""rf_jax vs PyTorch: train/eval throughput, peak memory, input pipeline (rf_jax.benchmark).
+r"""rf_jax vs PyTorch: train/eval throughput, peak memory, input pipeline (benchmarks/).
 
 One process per framework run, the frameworks alternating A B A B over `--rounds`.
 
@@ -22,8 +22,12 @@ import sys
 from absl import app
 from absl import flags
 
-from rf_jax.benchmark import common
-from rf_jax.benchmark import orchestrate
+# benchmarks/ sits beside the rf_jax package, outside what is installed: importable from the
+# repository, whatever the current directory.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import orchestrate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SETTINGS = {
     'variant': flags.DEFINE_list('variant', None, 'comma list of rgb,rgbir,dual (default all)'),
@@ -43,7 +47,7 @@ _SETTINGS = {
     'no_eval': flags.DEFINE_boolean('no-eval', None, 'train steps only'),
     'jax_patch': flags.DEFINE_multi_string(
         'jax-patch', None, 'speed experiment on the rf_jax runs (repeatable; '
-        'rf_jax/benchmark/jax_patches.py)'),
+        'benchmarks/jax_patches.py)'),
     'xla_flags': flags.DEFINE_string('xla-flags', None,
                                      'appended to XLA_FLAGS for the rf_jax runs'),
     'preload': flags.DEFINE_string(

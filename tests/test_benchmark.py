@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'benchmark.py'
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'scripts' / 'benchmark.py'
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
@@ -52,14 +53,14 @@ def test_bad_flag_value_is_one_error_line():
 
 
 def test_benchmark_variants_are_the_registry_models():
-  from rf_jax.benchmark import common  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
   assert common.VARIANTS == registry.MODEL_NAMES
 
 
 def test_preload_reaches_both_sides_and_a_missing_library_is_an_error(monkeypatch):
-  from rf_jax.benchmark import common  # pylint: disable=g-import-not-at-top
-  from rf_jax.benchmark import orchestrate  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  from benchmarks import orchestrate  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv('LD_PRELOAD', raising=False)
   preloaded = common.create_settings(quick=True, preload='libc.so.6')
   assert [orchestrate._child_env(preloaded, jax_side).get('LD_PRELOAD')
@@ -71,7 +72,7 @@ def test_preload_reaches_both_sides_and_a_missing_library_is_an_error(monkeypatc
 
 _BIAS_ONLY_PROBE = '''
 import jax, json
-from rf_jax.benchmark import jax_patches
+from benchmarks import jax_patches
 jax_patches.apply(('batchnorm_bias_only',))
 from rf_jax import steps
 from rf_jax.models import registry
@@ -84,5 +85,6 @@ print(json.dumps({'bn1': sorted(variables['params']['bn1']),
 
 def test_batchnorm_bias_only_patch_leaves_each_norm_its_bias_alone():
   proc = subprocess.run([sys.executable, '-c', _BIAS_ONLY_PROBE], capture_output=True, text=True,
-                        timeout=120, check=True)
-  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {'bn1': ['bias'], 'bn1_stats': ['unused']}
+                        cwd=ROOT, timeout=120, check=True)  # benchmarks/ imports from the root
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {'bn1': ['bias'],
+                                                              'bn1_stats': ['unused']}

@@ -1,4 +1,4 @@
-"""rf_jax.benchmark.op_profile: the op kinds and relayout counts it reads from optimised HLO,
+"""benchmarks/op_profile.py: the op kinds and relayout counts it reads from optimised HLO,
 and `scripts/benchmark.py --profile` end to end (tiny sizes; no timing assertions)."""
 
 import json
@@ -11,7 +11,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from rf_jax.benchmark import op_profile
+from benchmarks import op_profile
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'benchmark.py'
 

@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip('torch')
 pytest.importorskip('torchvision')  # torch_models builds torchvision's ResNet-18
 
-from rf_jax import steps  # pylint: disable=g-bad-import-order
+from benchmarks import torch_models  # pylint: disable=g-bad-import-order
+from rf_jax import steps
 from rf_jax import weights
-from rf_jax.benchmark import torch_models
 from rf_jax.configs import default
 from rf_jax.models import resnet
 

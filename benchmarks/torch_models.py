@@ -13,7 +13,7 @@ benchmark's PyTorch side and the fidelity tests both build them here.
 
 from __future__ import annotations
 
-from rf_jax.benchmark import common
+from benchmarks import common
 
 
 def _stem(channels: int):

@@ -5,15 +5,15 @@ before each timing, `--dtype bfloat16` under autocast). The batch arrives as the
 numpy array the rf_jax side gets and is viewed as NCHW in the layout measured:
 `channels_last` (PyTorch's fastest on CPU) or `contiguous` NCHW.
 
-  python -m rf_jax.benchmark.torch_child job.json result.json   (spawned by orchestrate)
+  python -m benchmarks.torch_child job.json result.json   (spawned by orchestrate)
 """
 
 from __future__ import annotations
 
 from absl import app
 
-from rf_jax.benchmark import common
-from rf_jax.benchmark import torch_models
+from benchmarks import common
+from benchmarks import torch_models
 
 
 def create_steps(model, settings: common.Settings, device, layout: str):

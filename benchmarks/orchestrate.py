@@ -1,6 +1,6 @@
 """The parent process: one child process per measurement, frameworks alternating A B A B.
 
-Each run of a framework is a fresh `python -m rf_jax.benchmark.<child>` so that neither side
+Each run of a framework is a fresh `python -m benchmarks.<child>` so that neither side
 inherits the other's imports, threads or heap, and the rounds alternate the sides so that a
 change in the machine's load shows in the per-round figures instead of favouring one side.
 """
@@ -19,15 +19,13 @@ import sys
 import tempfile
 import time
 
-from rf_jax.benchmark import common
-from rf_jax.benchmark import convs
-from rf_jax.benchmark import input_pipeline
-from rf_jax.benchmark import op_profile
-from rf_jax.benchmark import summary
+from benchmarks import common
+from benchmarks import convs
+from benchmarks import input_pipeline
+from benchmarks import op_profile
+from benchmarks import summary
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision', 'grain', 'numpy')
-# The directory holding the rf_jax package, for the children's imports.
-_IMPORT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 class ChildError(RuntimeError):
@@ -54,7 +52,7 @@ def _load() -> list[float] | None:
 def _child_env(settings: common.Settings, jax_side: bool) -> dict:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (str(_IMPORT_ROOT), env.get('PYTHONPATH', '')) if p)
+      p for p in (str(common.REPO_ROOT), env.get('PYTHONPATH', '')) if p)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if jax_side and settings.xla_flags:  # after rf_jax's own: a flag given here wins
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + settings.xla_flags).strip()
@@ -64,7 +62,7 @@ def _child_env(settings: common.Settings, jax_side: bool) -> dict:
 
 
 def spawn(module: str, settings: common.Settings, **args) -> dict:
-  """Runs `rf_jax.benchmark.<module>`'s `run(settings, **args)` in a fresh process.
+  """Runs `benchmarks.<module>`'s `run(settings, **args)` in a fresh process.
 
   Returns its JSON result plus the process's wall time and the load average after it.
   """
@@ -74,7 +72,7 @@ def spawn(module: str, settings: common.Settings, **args) -> dict:
     job.write_text(json.dumps({'settings': dataclasses.asdict(settings), 'args': args}))
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, '-m', f'rf_jax.benchmark.{module}', str(job), str(out)],
+        [sys.executable, '-m', f'benchmarks.{module}', str(job), str(out)],
         env=_child_env(settings, jax_side), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, check=False)
     if proc.returncode or not out.exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from rf_jax.benchmark import common
+from benchmarks import common
 
 PHASES = ('train', 'eval')
 SHORT_LAYOUT = {'channels_last': 'CL', 'contiguous': 'NCHW'}

@@ -13,7 +13,10 @@ import subprocess
 import sys
 import time
 
-from rf_jax.benchmark import jax_patches
+from benchmarks import jax_patches
+
+# The repository: this package and rf_jax beside it, what every child process imports from.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # models/registry.MODEL_NAMES, spelled here so that the PyTorch child never imports JAX (its
 # memory is measured); tests/test_benchmark.py checks that the two agree.

@@ -18,7 +18,7 @@ config's cache 'none' (each batch read from the prepared records):
 * `augmentation_step_cost` (full runs only): the rgb train step with the input made in it vs on
   a ready input
 
-  python -m rf_jax.benchmark.input_pipeline job.json result.json   (spawned by orchestrate)
+  python -m benchmarks.input_pipeline job.json result.json   (spawned by orchestrate)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 
 from absl import app
 
-from rf_jax.benchmark import common
+from benchmarks import common
 
 BANDS = 4  # R, G, B, NIR: every chip is read whole, whichever bands the model takes
 

@@ -4,7 +4,7 @@ At the train batch and image size; the stem's input gradient is not computed, as
 rf_jax's side runs with the XLA:CPU flags `import rf_jax` sets, and also times the kernel
 gradient alone (XLA's backprop-filter convolution).
 
-  python -m rf_jax.benchmark.convs job.json result.json   (spawned by orchestrate)
+  python -m benchmarks.convs job.json result.json   (spawned by orchestrate)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 
 from absl import app
 
-from rf_jax.benchmark import common
+from benchmarks import common
 
 
 def resnet18_convs(size: int, channels: int = 3) -> list[tuple]:

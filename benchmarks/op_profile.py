@@ -12,7 +12,7 @@ summed per kind (oneDNN runs inside its op's event, so the kinds add up to the s
 Both: the untraced steps' kernel (sys) CPU time and minor page faults, per step: each fault
 is a fresh zeroed page of a buffer the allocator took from the OS for this step.
 
-  python -m rf_jax.benchmark.op_profile job.json result.json   (spawned by orchestrate)
+  python -m benchmarks.op_profile job.json result.json   (spawned by orchestrate)
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 
 from absl import app
 
-from rf_jax.benchmark import common
-from rf_jax.benchmark import jax_patches
+from benchmarks import common
+from benchmarks import jax_patches
 
 KINDS = ('convolution', 'transpose/copy', 'batchnorm', 'elementwise', 'other')
 _NORM_SCOPE = re.compile(r'/(bn\d|downsample_1)/')  # the BatchNorm modules' op_name scopes
@@ -146,7 +146,7 @@ def _jax(settings: common.Settings, variant: str) -> dict:
   patches = jax_patches.apply(settings.jax_patch)  # before anything is built
   import jax  # pylint: disable=g-import-not-at-top
   from rf_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  from rf_jax.benchmark import jax_child  # pylint: disable=g-import-not-at-top
+  from benchmarks import jax_child  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
   runner = steps_lib.create_runner('jit', flips=False)
   state = runner.put_state(jax_child.train_state(variant, settings))
@@ -197,8 +197,8 @@ def torch_kind(name: str) -> str:
 
 def _torch(settings: common.Settings, variant: str, layout: str) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  from rf_jax.benchmark import torch_child  # pylint: disable=g-import-not-at-top
-  from rf_jax.benchmark import torch_models  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_child  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(common.cores())
   torch.manual_seed(common.SEED)
   fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format

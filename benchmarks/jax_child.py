@@ -4,7 +4,7 @@ Fed as training and evaluation feed them: numpy batch -> `runner.put_batch` -> c
 (the train state donated); a timed train step blocks on the loss, an eval step fetches its
 outputs with `runner.get_outputs`.
 
-  python -m rf_jax.benchmark.jax_child job.json result.json   (spawned by orchestrate)
+  python -m benchmarks.jax_child job.json result.json   (spawned by orchestrate)
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 
 from absl import app
 
-from rf_jax.benchmark import common
-from rf_jax.benchmark import jax_patches
+from benchmarks import common
+from benchmarks import jax_patches
 
 
 def train_state(variant: str, settings: common.Settings):
