@@ -13,8 +13,8 @@ config's cache 'none' (each batch read from the prepared records):
 * `tifffile.imread` alone, ms per chip on one core: what reading the raw files would cost
 * `copy_ms_per_chip`: one chip copied within RAM, the floor of a host path that moves it once
 * `host_cost`: host CPU ms per training and per evaluation chip for each cache mode (none, host,
-  device) and 'before' (the per-chip numpy path the steps replaced), JSON
-  `pipeline.<mode>.host_ms_per_train_chip` / `host_ms_per_eval_chip`
+  device) and 'before' (the per-chip numpy path the steps replaced, tests/numpy_transforms.py),
+  JSON `pipeline.<mode>.host_ms_per_train_chip` / `host_ms_per_eval_chip`
 * `augmentation_step_cost` (full runs only): the rgb train step with the input made in it vs on
   a ready input
 
@@ -24,6 +24,7 @@ config's cache 'none' (each batch read from the prepared records):
 from __future__ import annotations
 
 from collections.abc import Callable
+import importlib.util
 import pathlib
 import shutil
 import tempfile
@@ -135,12 +136,23 @@ def _study_preprocess(data, bands: tuple[int, ...] = (0, 1, 2, 3)):
                         seed=common.SEED)
 
 
+def _numpy_transforms():
+  """tests/numpy_transforms.py: the per-chip numpy path the steps replaced, kept as the tests'
+  reference and loaded from there by path (tests/ is not a package), so that the path timed is
+  the one the device input is tested against."""
+  path = common.REPO_ROOT / 'tests' / 'numpy_transforms.py'
+  spec = importlib.util.spec_from_file_location('numpy_transforms', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _before(data, settings: common.Settings, train: bool) -> Callable[[], int]:
   """The path the loaders ran before: each record read, made into the model's input by the
   per-chip numpy transforms (draws on the host), the float32 batch put on the device."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from rf_jax.data import numpy_transforms  # pylint: disable=g-import-not-at-top
+  numpy_transforms = _numpy_transforms()
   p, rng = _study_preprocess(data), np.random.default_rng(common.SEED)
   source = data.train if train else data.validation
   size = settings.batch if train else settings.eval_batch

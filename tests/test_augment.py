@@ -1,5 +1,5 @@
 """rf_jax.augment: the model's input made on device equals the host's numpy transforms
-(rf_jax/data/numpy_transforms.py) for the same draws; the draws depend only on (seed, step,
+(tests/numpy_transforms.py) for the same draws; the draws depend only on (seed, step,
 position in the global batch)."""
 
 import dataclasses
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numpy_transforms
 from rf_jax import augment
-from rf_jax.data import numpy_transforms
 from rf_jax.data import planet
 
 STATS = dict(mean=np.array([1000, 1200, 900, 3000], np.float32),

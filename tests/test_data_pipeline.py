@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+import numpy_transforms
 from rf_jax import augment
 from rf_jax import parallel
 from rf_jax import steps
-from rf_jax.data import numpy_transforms
 from rf_jax.data import pipeline
 from rf_jax.data import planet
 from rf_jax.data import prepared

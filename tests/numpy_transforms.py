@@ -1,9 +1,9 @@
 """The per-chip numpy transforms the host ran before the steps took them over (rf_jax/augment.py).
 
-Kept as the reference: the on-device functions are tested against these, and the input
-benchmark measures them as the host cost the device path removed. One chip [S, S, 4] at a time,
-in the order the loaders applied them: band selection, crop or resize, flip, float32
-normalisation in place.
+Kept as the reference: the on-device functions are tested against these (test_augment.py,
+test_data_pipeline.py), and the input benchmark (benchmarks/input_pipeline.py) times them as the
+host cost the device path removed. One chip [S, S, 4] at a time, in the order the loaders
+applied them: band selection, crop or resize, flip, float32 normalisation in place.
 """
 
 from __future__ import annotations
