@@ -25,7 +25,7 @@ from benchmarks import input_pipeline
 from benchmarks import op_profile
 from benchmarks import summary
 
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision', 'grain', 'numpy')
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision', 'numpy')
 
 
 class ChildError(RuntimeError):

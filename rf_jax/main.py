@@ -91,7 +91,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS.workdir:  # checked here, not marked required: importing this module
-    # (tests, grain workers parsing flags) must not make --workdir mandatory for them.
+    # (tests, other absl programs parsing their flags) must not make --workdir mandatory for them.
     raise app.UsageError('--workdir is required, e.g. --workdir runs/dual')
   if not FLAGS['verbosity'].present:  # library logs (orbax, tfds) drown the progress lines
     logging.set_verbosity(logging.ERROR)

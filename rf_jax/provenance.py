@@ -22,7 +22,7 @@ import numpy as np
 
 from rf_jax import workdir as workdir_lib
 
-PACKAGES = ('rf_jax', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
+PACKAGES = ('rf_jax', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint',
             'tensorflow-datasets', 'numpy')
 
 

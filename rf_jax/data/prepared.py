@@ -38,10 +38,10 @@ SPLITS = ('train', 'validation', 'test')
 class PlanetSource:
   """A TFDS ArrayRecord source whose records carry `name` as str.
 
-  Picklable (grain ships it to worker processes). Its repr names the TFDS
-  config (which fingerprints the source and the split) and the split: grain
-  checks it when restoring an iterator state, so a state saved on another
-  dataset is refused instead of silently continuing elsewhere.
+  Its repr names the TFDS config (which fingerprints the source and the
+  split) and the split: the train loader's state carries it
+  (pipeline.TrainBatches), so a state saved on another dataset is refused
+  on restore instead of silently continuing elsewhere.
   """
 
   def __init__(self, source, description: str = '', data_dir: str = ''):
