@@ -20,12 +20,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from rf_jax import errors
+
 # config.eval.select_by -> the history key that picks the best epoch.
 SELECT_BY = {'map': 'val_map', 'mean_precision_at_0.5': 'val_mean_precision_at_0.5'}
 TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax writes <step>.orbax-checkpoint-tmp..., then renames
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint that is missing or does not fit the request."""
 
 

@@ -10,13 +10,14 @@ import ml_collections
 
 from rf_jax import augment
 from rf_jax import checkpoints
+from rf_jax import errors
 from rf_jax import parallel
 from rf_jax.data import pipeline
 from rf_jax.data import planet
 from rf_jax.models import registry
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work; the message names the key."""
 
 

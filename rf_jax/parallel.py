@@ -27,11 +27,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from rf_jax import errors
+
 AXIS_NAME = 'batch'
 KINDS = ('jit', 'pmap')  # config.parallel
 
 
-class DeviceCountError(ValueError):
+class DeviceCountError(errors.UserError, ValueError):
   """A batch size that the devices cannot share evenly."""
 
 

@@ -35,8 +35,10 @@ import tempfile
 
 import numpy as np
 
+from rf_jax import errors
 
-class WorkdirError(OSError):
+
+class WorkdirError(errors.UserError, OSError):
   """The workdir cannot be created or written."""
 
 

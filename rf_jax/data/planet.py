@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import tifffile
 
+from rf_jax import errors
+
 # The label vector's order everywhere (the course's order, DESIGN.md §2).
 TAGS: tuple[str, ...] = (
     'clear', 'cloudy', 'haze', 'partly_cloudy',
@@ -38,7 +40,7 @@ COURSE_MEAN = (0.7476, 0.6534, 0.4757, 0.0960)
 COURSE_STD = (0.1677, 0.1828, 0.2137, 0.0284)
 
 
-class PlanetDataError(ValueError):
+class PlanetDataError(errors.UserError, ValueError):
   """Bad input data: the message names the file (and line)."""
 
 

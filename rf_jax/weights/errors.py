@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from rf_jax import errors
 
-class WeightsMismatchError(ValueError):
+
+class WeightsMismatchError(errors.UserError, ValueError):
   """A state dict / weights file / study model pair whose names or shapes do not match."""
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(errors.UserError, ValueError):
   """A weights file that cannot be trusted (no or wrong SHA-256, unknown format)."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(errors.UserError, ValueError):
   """A .pth file holding more than tensors (a pickle that would run code)."""
 
 
