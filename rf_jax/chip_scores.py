@@ -67,8 +67,9 @@ def _chips_as_data(paths, wd: workdir_lib.Workdir) -> prepared.PlanetData:
   """The chips in the place of a validation split, with the run's statistics and layout."""
   stats = provenance.saved_statistics(wd)
   if stats is None:
-    raise FileNotFoundError(f'{wd.provenance}: no dataset statistics recorded; train this run '
-                            'with this version of rf_jax first.')
+    raise workdir_lib.MissingRunFileError(
+        f'{wd.provenance}: no dataset statistics recorded; train this run with this version '
+        'of rf_jax first.')
   dataset = workdir_lib.read_json(wd.provenance)['dataset']
   source = ChipSource(paths, dataset['layout'], dataset['chip_size'])
   return prepared.PlanetData(

@@ -86,8 +86,9 @@ def record_invocation(wd: workdir_lib.Workdir, mode: str, config: ml_collections
 def saved_config(wd: workdir_lib.Workdir) -> ml_collections.ConfigDict:
   """The config the run in `wd` was made with (config.json), as a locked ConfigDict."""
   if not wd.config.is_file():
-    raise FileNotFoundError(f'{wd.config} not found: {wd.root} holds no rf_jax run; give '
-                            '--config, or the --workdir of a trained run.')
+    raise workdir_lib.MissingRunFileError(
+        f'{wd.config} not found: {wd.root} holds no rf_jax run; give --config, or the '
+        '--workdir of a trained run.')
   config = ml_collections.ConfigDict(workdir_lib.read_json(wd.config))
   config.lock()
   return config

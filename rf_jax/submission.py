@@ -20,8 +20,9 @@ from rf_jax.data import planet
 def tuned_thresholds(wd: workdir_lib.Workdir, step: int) -> np.ndarray:
   """The per-tag F2 thresholds that `--mode evaluate` tuned for checkpoint `step`."""
   if not wd.metrics.is_file():
-    raise FileNotFoundError(f'{wd.metrics} not found: run --mode evaluate first (it tunes the '
-                            'per-tag thresholds the submission uses).')
+    raise workdir_lib.MissingRunFileError(
+        f'{wd.metrics} not found: run --mode evaluate first (it tunes the per-tag thresholds '
+        'the submission uses).')
   summary = workdir_lib.read_json(wd.metrics)
   if summary.get('step') != step:
     raise checkpoints.CheckpointError(

@@ -42,6 +42,11 @@ class WorkdirError(errors.UserError, OSError):
   """The workdir cannot be created or written."""
 
 
+class MissingRunFileError(errors.UserError, FileNotFoundError):
+  """A file of the run that an earlier mode writes is missing (or lacks what it should hold);
+  the message names the mode to run first."""
+
+
 class Workdir:
   """The paths of one run's directory (nothing is created until `create`)."""
 

@@ -10,8 +10,10 @@ Training calls `load_pretrained(variables, model=..., path=config.model.weights,
 ir_stem_init=..., dont_load=..., rng=...)`.
 """
 
+from rf_jax.weights.errors import MissingPackageError
 from rf_jax.weights.errors import UnsafeCheckpointError
 from rf_jax.weights.errors import WeightsFileError
+from rf_jax.weights.errors import WeightsFileNotFoundError
 from rf_jax.weights.errors import WeightsMismatchError
 from rf_jax.weights.files import load_weights_file
 from rf_jax.weights.files import read_state_dict

@@ -19,6 +19,14 @@ class UnsafeCheckpointError(errors.UserError, ValueError):
   """A .pth file holding more than tensors (a pickle that would run code)."""
 
 
+class WeightsFileNotFoundError(errors.UserError, FileNotFoundError):
+  """A weights file named by the config or the command line is missing."""
+
+
+class MissingPackageError(errors.UserError, ModuleNotFoundError):
+  """Reading a weights source of this format needs a package that is not installed."""
+
+
 def _describe(shape: Any) -> str:
   if shape is None:
     return 'none'

@@ -21,7 +21,11 @@ import numpy as np
 from flax import serialization, traverse_util
 from flax.core import unfreeze
 
-from rf_jax.weights.errors import UnsafeCheckpointError, WeightsFileError, WeightsMismatchError
+from rf_jax.weights.errors import MissingPackageError
+from rf_jax.weights.errors import UnsafeCheckpointError
+from rf_jax.weights.errors import WeightsFileError
+from rf_jax.weights.errors import WeightsFileNotFoundError
+from rf_jax.weights.errors import WeightsMismatchError
 from rf_jax.weights.torchvision_resnet import check_resnet18, to_numpy
 
 WEIGHTS_FORMAT = 'rf_jax.resnet/1'
@@ -34,7 +38,7 @@ def _torch_load(path: Path) -> Any:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ModuleNotFoundError(
+    raise MissingPackageError(
         f'reading {path} (a torch checkpoint) needs torch: pip install torch, or give the '
         f'weights as a .safetensors file (no torch needed)') from None
   try:
@@ -61,12 +65,12 @@ def read_state_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
   """
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'no such weights source file: {path}')
+    raise WeightsFileNotFoundError(f'no such weights source file: {path}')
   if path.suffix == '.safetensors':
     try:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     except ImportError:
-      raise ModuleNotFoundError(
+      raise MissingPackageError(
           f'reading {path} needs safetensors: pip install safetensors') from None
     state_dict = load_file(str(path))
   else:
@@ -136,7 +140,7 @@ def load_weights_file(path: os.PathLike | str) -> dict:
   """
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(
+    raise WeightsFileNotFoundError(
         f'pretrained weights file {str(path)!r} not found (config.model.weights). Port the '
         f'torchvision ImageNet ResNet-18 weights with\n  {PORT_COMMAND.format(out=path)}\n'
         f'(downloads through torchvision), or from an already downloaded checkpoint with\n'
