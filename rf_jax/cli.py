@@ -1,8 +1,10 @@
 """The command line around main.py: flag parsing, built-in config names, and the user's
 mistakes reported as one `error: ...` line (exit status 1).
 
-Every message names the file, line, config key or path and says what to do; anything else that
-escapes is a bug in rf_jax and keeps its traceback.
+A user's mistake is an `errors.UserError` (its message names the file, line, config key or path
+and says what to do) or an OSError of the file system (`is_file_system_refusal`); anything else
+that escapes is a bug in rf_jax and keeps its traceback. Where only a library's message says
+what happened, one small function reads it: `missing_config_key`, `is_peer_failure`.
 """
 
 import contextlib
@@ -15,32 +17,18 @@ import sys
 from absl import flags
 import jax
 
-from rf_jax import checkpoints
-from rf_jax import config_checks
-from rf_jax import parallel
+from rf_jax import errors
 from rf_jax import preemption
-from rf_jax import train
-from rf_jax import weights
-from rf_jax import workdir as workdir_lib
-from rf_jax.data import planet
-
-USER_ERRORS = (
-    planet.PlanetDataError,
-    config_checks.ConfigError,
-    parallel.DeviceCountError,
-    checkpoints.CheckpointError,
-    weights.WeightsMismatchError,
-    weights.WeightsFileError,
-    weights.UnsafeCheckpointError,
-    train.NonFiniteLossError,
-    workdir_lib.WorkdirError,
-    FileNotFoundError,
-    PermissionError,
-)
 
 # OSErrors that describe the user's file system rather than a bug (str(e) names the path).
 FILESYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR,
                                errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST})
+
+
+def is_file_system_refusal(error: OSError) -> bool:
+  """An OSError that Python or a library raised because of the user's file system (a full disk,
+  a read-only mount, a path through a file, no permission), not because of a bug."""
+  return error.errno in FILESYSTEM_ERRNOS
 
 
 def _fail(message: str, status: int = 1):
@@ -50,8 +38,16 @@ def _fail(message: str, status: int = 1):
 
 # How another process's death reaches the survivors of a multi-process run: their next
 # collective fails (gloo on CPU, NCCL on GPUs) or the coordination service reports the task.
+# JaxRuntimeError has no subclass or code for it: only its text tells.
 PEER_FAILURE_MARKERS = ('Connection reset by peer', 'Connection closed by peer', 'heartbeat',
                         'Barrier failed', 'unhealthy', 'NCCL')
+
+
+def is_peer_failure(error: Exception) -> bool:
+  """Whether `error` is how a collective or the coordination service reports that another
+  process of a multi-process run has died."""
+  return (isinstance(error, jax.errors.JaxRuntimeError)
+          and any(marker in str(error) for marker in PEER_FAILURE_MARKERS))
 
 
 def _peer_failed(error: Exception, workdir: str) -> None:
@@ -64,6 +60,26 @@ def _peer_failed(error: Exception, workdir: str) -> None:
         'from it.', file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(1)
+
+
+def missing_config_key(error: Exception) -> tuple[str, str | None]:
+  """(the key, ml_collections' suggestion or None) from the error that overriding a key the
+  config lacks raises. ml_collections names the key only in the message: an AttributeError
+  around a KeyError whose message is the quoted key and a 'Did you mean "..."' line (a missing
+  leaf), the KeyError itself (a missing section), or a KeyError ending 'Attempting to lookup:
+  num_epochs.x' (a key below a value)."""
+  inner = error.args[0] if error.args and isinstance(error.args[0], Exception) else error
+  text = inner.args[0] if inner.args and isinstance(inner.args[0], str) else str(inner)
+  quoted = re.match(r"'([A-Za-z_]\w*)'", text)
+  below_a_value = re.search(r'Attempting to lookup: (\S+)', text)
+  if quoted:
+    key = quoted.group(1)
+  elif below_a_value:
+    key = below_a_value.group(1).split('.')[-1]
+  else:
+    key = text
+  suggestion = re.search(r'[Dd]id you mean "([^"]+)"', text)
+  return key, suggestion.group(1) if suggestion else None
 
 
 def _config_arg(argv, missing: str) -> str:
@@ -145,11 +161,9 @@ def parse_flags(argv):
             if '--config' in message else ' See --helpfull.')
     _fail(f'{message}.{hint}')
   except (AttributeError, KeyError) as e:  # an override of a key the config does not have
-    found = re.search(r"'([A-Za-z_]\w*)\\*'", str(e))
-    missing = found.group(1) if found else str(e)
-    suggestion = re.search(r'[Dd]id you mean "[^"]+"', str(e))
+    missing, suggestion = missing_config_key(e)
     _fail(f'{_config_arg(argv, missing)}: the config has no key {missing!r}'
-          f'{" (" + suggestion.group(0) + "?)" if suggestion else ""}; every key is in '
+          f'{f" (did you mean {suggestion!r}?)" if suggestion else ""}; every key is in '
           'configs/default.py, e.g. --config.data.crop_size=224.')
 
 
@@ -163,14 +177,14 @@ def reported(workdir: str):
   except KeyboardInterrupt:  # a second SIGTERM/SIGINT during training, or Ctrl-C elsewhere
     _fail(f'interrupted: stopped at once, without saving. The last checkpoint in {workdir} is '
           'intact: rerun the same command to resume from it.', status=130)
-  except USER_ERRORS as e:
+  except errors.UserError as e:
     _fail(str(e))
   except jax.errors.JaxRuntimeError as e:
-    if jax.process_count() == 1 or not any(m in str(e) for m in PEER_FAILURE_MARKERS):
+    if jax.process_count() == 1 or not is_peer_failure(e):
       raise
     _peer_failed(e, workdir)
-  except OSError as e:  # the file system refused (full disk, a path through a file, read-only)
-    if e.errno not in FILESYSTEM_ERRNOS:
+  except OSError as e:
+    if not is_file_system_refusal(e):
       raise
     _fail(f'{e}: check that path (--workdir, config.data.raw_dir/prepared_dir), its permissions '
           'and the free disk space, then rerun the same command.')

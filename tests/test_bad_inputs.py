@@ -27,9 +27,9 @@ import pytest
 import tifffile
 
 from rf_jax import checkpoints
+from rf_jax import errors
 from rf_jax import evaluate
 from rf_jax import inputs
-from rf_jax import cli
 from rf_jax import train
 from rf_jax.data import planet
 from rf_jax import weights
@@ -66,7 +66,7 @@ def assert_user_error(error: BaseException, *patterns: str) -> None:
   """An error the CLI prints as an `error:` line: its first line matches the first pattern
   (the file, line or key), the whole message every pattern (a fix may be a command on its
   own line)."""
-  assert isinstance(error, cli.USER_ERRORS), f'{type(error).__name__} would be a traceback'
+  assert isinstance(error, errors.UserError), f'{type(error).__name__} would be a traceback'
   _match(str(error), patterns)
 
 
