@@ -1,6 +1,5 @@
 """XLA:CPU default flags (rf_jax/xla_cpu.py) and a torch-free training process."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -8,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 import pytest
 
 from rf_jax import xla_cpu
@@ -35,22 +35,41 @@ def test_unmeasured_jaxlib_gets_no_flag(version):
   assert xla_cpu.default_flags(version, '') == ''
 
 
-def test_this_process_runs_with_the_flags():
-  if not xla_cpu.default_flags(jaxlib.version.__version__, ''):
-    pytest.skip('no flag applies to this jaxlib')
-  assert SCHEDULER in os.environ['XLA_FLAGS'].split()
+def _on_cpu(*shape) -> jax.Array:
+  return jax.device_put(np.zeros(shape, np.float32), jax.devices('cpu')[0])
+
+
+# The flags' effects on what XLA:CPU compiles in this process, not XLA_FLAGS' text: flags set
+# after JAX created its backend, or not at all, fail these.
 
 
 def test_convolutions_leave_ynnpack_in_this_process():
   if FLAG not in xla_cpu.default_flags(jaxlib.version.__version__, ''):
     pytest.skip('flag not applied to this jaxlib')
-  x = jnp.zeros((4, 32, 32, 64))
-  w = jnp.zeros((3, 3, 64, 64))
+  x = _on_cpu(4, 32, 32, 64)
+  w = _on_cpu(3, 3, 64, 64)
   conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
   hlo = conv.lower(x, w).compile().as_text()
   assert 'convolution(' in hlo
   assert '__ynn_fusion' not in hlo
+
+
+def _temp_bytes(branches: int) -> int:
+  """Temporary memory of `branches` independent matrix products, each summed to a scalar:
+  scheduled one after another they need one product's buffers, side by side all of them."""
+
+  def f(x):
+    return sum((jnp.sin(x * (i + 1.0)) @ jnp.cos(x.T * (i + 2.0))).sum() for i in range(branches))
+
+  return jax.jit(f).lower(_on_cpu(512, 512)).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_independent_ops_are_not_scheduled_side_by_side_in_this_process():
+  # The concurrency-optimised scheduler gives 4 products 4x one product's temporaries.
+  if SCHEDULER not in xla_cpu.default_flags(jaxlib.version.__version__, ''):
+    pytest.skip('flag not applied to this jaxlib')
+  assert _temp_bytes(4) < 2 * _temp_bytes(1)
 
 
 def test_training_writer_does_not_load_torch(tmp_path):
