@@ -12,6 +12,7 @@ from rf_jax import augment
 from rf_jax import checkpoints
 from rf_jax import errors
 from rf_jax import parallel
+from rf_jax.configs import default
 from rf_jax.data import pipeline
 from rf_jax.data import planet
 from rf_jax.models import registry
@@ -34,7 +35,7 @@ _CHOICES = {
     'dtype': DTYPES,
     'parallel': parallel.KINDS,
 }
-_POSITIVE = ('optim.lr', 'optim.decay_epochs', 'optim.decay_rate', 'batch_size',
+_POSITIVE = ('model.width', 'optim.lr', 'optim.decay_epochs', 'optim.decay_rate', 'batch_size',
              'eval_batch_size', 'num_epochs', 'data.crop_size', 'data.eval_size',
              'log_every_steps')
 _NON_NEGATIVE = ('optim.momentum', 'data.num_workers',
@@ -94,8 +95,13 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 
 
 def changed_keys(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
-  """{key: (the run's value, this config's value)} for every key that would change the run."""
-  before, now = _flat(saved), _flat(config.to_dict())
+  """{key: (the run's value, this config's value)} for every key that would change the run.
+
+  A key the saved run lacks was added by a later rf_jax, whose default is what the run did.
+  """
+  now = _flat(config.to_dict())
+  before = {**{k: v for k, v in _flat(default.get_config().to_dict()).items() if k in now},
+            **_flat(saved)}
   return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
           if before.get(k) != now.get(k) and not k.startswith(_FREE_KEYS)}
 

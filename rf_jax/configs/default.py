@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ir_stem_init = 'study'
   # Regexes (full match on names like 'params/layer4_1/conv2/kernel') kept at their fresh init.
   config.model.dont_load = ()
+  # First-stage width of every ResNet-18 trunk, doubling per stage: 64 is ResNet-18 (and the
+  # ImageNet weights). Narrower only where the network's size does not matter (tests of logic).
+  config.model.width = 64
 
   config.data = ml_collections.ConfigDict()
   config.data.raw_dir = 'data/planet'  # Kaggle- or course-layout directory

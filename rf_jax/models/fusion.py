@@ -21,13 +21,15 @@ class DualResNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   axis_name: Optional[str] = None
+  num_filters: int = 64  # each trunk's first-stage width (ResNet.num_filters)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if x.shape[-1] != 4:
       raise ValueError(f'the dual model takes [..., 4] inputs (R, G, B, NIR), got {x.shape}')
     trunk = functools.partial(resnet.ResNet18, num_classes=None, dtype=self.dtype,
-                              param_dtype=self.param_dtype, axis_name=self.axis_name)
+                              param_dtype=self.param_dtype, axis_name=self.axis_name,
+                              num_filters=self.num_filters)
     rgb = trunk(name='rgb_trunk')(x[..., :3], train=train)
     ir = trunk(name='ir_trunk')(x[..., 3:], train=train)
     features = jnp.concatenate([rgb, ir], axis=-1)

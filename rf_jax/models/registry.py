@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ class NewStem:
 class StudyModel:
   name: str
   bands: tuple[int, ...]  # indices into R, G, B, NIR, in input-channel order
-  build: Callable[..., nn.Module]  # (num_classes, dtype, axis_name) -> module
+  build: Callable[..., nn.Module]  # (num_classes, dtype, axis_name, width) -> module
   # Parameter-path prefixes that each receive one pretrained ResNet-18 trunk (the head excluded).
   trunks: tuple[tuple[str, ...], ...]
   # Trunk prefix -> the rule for its stem, where the stem is not ImageNet's 3-channel one.
@@ -52,12 +51,14 @@ class StudyModel:
 IR_STEM_INITS = ('study', 'he_fan_in', 'he_fan_out', 'torch_conv_default', 'rgb_mean')
 
 
-def _resnet(num_classes, dtype, axis_name):
-  return resnet.ResNet18(num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+def _resnet(num_classes, dtype, axis_name, width):
+  return resnet.ResNet18(num_classes=num_classes, dtype=dtype, axis_name=axis_name,
+                         num_filters=width)
 
 
-def _dual(num_classes, dtype, axis_name):
-  return fusion.DualResNet(num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+def _dual(num_classes, dtype, axis_name, width):
+  return fusion.DualResNet(num_classes=num_classes, dtype=dtype, axis_name=axis_name,
+                           num_filters=width)
 
 
 STUDY_MODELS: dict[str, StudyModel] = {m.name: m for m in (
@@ -84,14 +85,19 @@ def input_bands(name: str) -> tuple[int, ...]:
   return get(name).bands
 
 
-@functools.lru_cache(maxsize=32)  # one instance per model: jit reuses its compiled steps
+# ResNet-18's first-stage width, the one the ImageNet weights have (config.model.width).
+RESNET18_WIDTH = 64
+
+
 def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
-                 axis_name: str | None = None) -> nn.Module:
+                 axis_name: str | None = None, width: int = RESNET18_WIDTH) -> nn.Module:
   """The study model `name`.
 
   Apply with `model.apply(variables, images, train=False)` or, training,
   `model.apply(variables, images, train=True, mutable=['batch_stats'])`; images are
   [B, H, W, len(input_bands(name))] and the logits [B, num_classes] float32. `dtype` is the
-  compute dtype (parameters stay float32); `axis_name` synchronises BatchNorm under pmap.
+  compute dtype (parameters stay float32); `axis_name` synchronises BatchNorm under pmap;
+  `width` is every trunk's first-stage width (doubling per stage): narrower than ResNet-18's
+  64 only for tests of logic, where the network's size does not matter.
   """
-  return get(name).build(num_classes, dtype, axis_name)
+  return get(name).build(num_classes, dtype, axis_name, width)

@@ -84,10 +84,11 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def resnet18_shapes(num_classes: int = 1000,
-                    in_channels: int = 3) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Flattened {('params', 'conv1', 'kernel'): (7, 7, 3, 64), ...} of a Flax ResNet-18."""
-  model = ResNet18(num_classes=num_classes)
+def resnet18_shapes(num_classes: int = 1000, in_channels: int = 3,
+                    width: int = 64) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flattened {('params', 'conv1', 'kernel'): (7, 7, 3, 64), ...} of a Flax ResNet-18
+  (`width`: its first-stage width, 64 in torchvision's)."""
+  model = ResNet18(num_classes=num_classes, num_filters=width)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, in_channels))))
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(unfreeze(shapes)).items()}
@@ -96,14 +97,16 @@ def resnet18_shapes(num_classes: int = 1000,
 def check_resnet18(variables: Mapping[str, Any], what: str = 'weights') -> None:
   """Raises one WeightsMismatchError listing every name/shape that is not a ResNet-18's.
 
-  The head size and the stem's input channels are taken from the variables themselves (a
-  ResNet-18 fine-tuned to 10 classes is still a ResNet-18); everything else must match.
+  The head size, the stem's input channels and the width are taken from the variables
+  themselves (a ResNet-18 fine-tuned to 10 classes, or narrowed for tests, is still a
+  ResNet-18); everything else must match.
   """
   flat = traverse_util.flatten_dict(unfreeze(dict(variables)))
   fc = _shape(flat.get(('params', 'fc', 'kernel')))  # () when absent
   stem = _shape(flat.get(('params', 'conv1', 'kernel')))
   expected = resnet18_shapes(fc[-1] if len(fc) == 2 else 1000,
-                             stem[2] if len(stem) == 4 else 3)
+                             stem[2] if len(stem) == 4 else 3,
+                             stem[3] if len(stem) == 4 else 64)
   problems = Mismatches()
   for path, shape in expected.items():
     if path not in flat:
