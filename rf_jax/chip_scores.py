@@ -95,7 +95,7 @@ def predict_chips(config: ml_collections.ConfigDict, workdir, pattern: str) -> p
   thresholds = submission.tuned_thresholds(wd, restored.step)
   paths = chip_paths(pattern)
   data = _chips_as_data(paths, wd)
-  scores, _, _ = evaluate.make_predict_fn(config, state)(
+  scores, _, _ = evaluate.make_predict_fn(config, data, state)(
       inputs.eval_batches(config, data, 'validation'))
   if jax.process_index() == 0:
     write_scores(wd.chip_scores, data.names['validation'], scores,

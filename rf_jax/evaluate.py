@@ -22,9 +22,12 @@ from rf_jax import checkpoints
 from rf_jax import config_checks
 from rf_jax import history
 from rf_jax import inputs
+from rf_jax import parallel
+from rf_jax import predict
 from rf_jax import provenance
 from rf_jax import report
 from rf_jax import reproduction
+from rf_jax import runner as runner_lib
 from rf_jax import steps
 from rf_jax import workdir as workdir_lib
 from rf_jax.data import planet
@@ -41,7 +44,7 @@ def restore_model(config: ml_collections.ConfigDict,
   # Evaluation does not depend on the training length: only keys that change what was trained.
   config_checks.check_same_run(restored.config, config, config_checks.CHANGEABLE_KEYS, where)
   model = registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
-                                dtype=jnp.dtype(config.dtype))
+                                dtype=jnp.dtype(config.dtype), width=config.model.width)
   size, channels = config.data.eval_size, len(registry.input_bands(config.model.name))
   expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jnp.zeros((1, size, size, channels)))
@@ -64,15 +67,15 @@ def _check_same_tree(found, expected, where, step) -> None:
                                          if len(problems) > 20 else ''))
 
 
-def make_predict_fn(config: ml_collections.ConfigDict, state: steps.TrainState) -> steps.PredictFn:
-  """inputs.eval_batches -> (scores, labels, mean loss) with the restored model, over all
-  devices, the chips preprocessed as the batches say (inputs.preprocess: as in training)."""
-
-  def predict(batches: inputs.EvalBatches) -> steps.Predictions:
-    runner = steps.create_runner('jit', flips=config.eval.flips, preprocess=batches.preprocess)
-    return steps.predict(runner, runner.put_state(state), batches)
-
-  return predict
+def make_predict_fn(config: ml_collections.ConfigDict, data, state: steps.TrainState,
+                    runner: parallel.Runner | None = None) -> predict.PredictFn:
+  """Batches of `data` (inputs.eval_batches) -> (scores, labels, mean loss) with the restored
+  model, over all devices, the chips preprocessed as in training. `runner`: the run's steps
+  when the caller already built them (runner.for_config)."""
+  if runner is None or runner_lib.layout(config) == 'pmap':  # evaluation lays out with jit
+    runner = runner_lib.create_runner('jit', flips=config.eval.flips,
+                                      preprocess=inputs.preprocess(config, data))
+  return predict.predict_fn(runner, state)
 
 
 def _summary_key(select_by: str) -> str:
@@ -129,16 +132,17 @@ def _write_report(config, wd: workdir_lib.Workdir, data, current: dict, summary:
       loss=loss, model=config.model.name)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir, data=None) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir, data=None, runner=None) -> dict:
   """Restores, predicts the validation split, checks reproduction, writes metrics and report.
 
   Every process predicts its part of the chips; process 0 checks and writes the results.
+  `runner`: the run's steps when the caller already built them (runner.for_config).
   """
   config_checks.check(config)
   wd = workdir_lib.Workdir(workdir)
   state, restored = restore_model(config, wd)
   data = data or inputs.prepare(config, wd)
-  scores, labels, loss = make_predict_fn(config, state)(
+  scores, labels, loss = make_predict_fn(config, data, state, runner)(
       inputs.eval_batches(config, data, 'validation'))
   step = restored.step
   summary = report.metrics_summary(labels, scores, planet.TAGS, model=config.model.name,

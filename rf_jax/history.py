@@ -18,23 +18,27 @@ from rf_jax import metrics
 from rf_jax import workdir as workdir_lib
 from rf_jax.data import planet
 
-# The scalars logged to TensorBoard and printed at each epoch's end.
-SCALARS = ('train_loss', 'val_loss', 'val_map', 'val_mean_precision_at_0.5', 'lr',
-           'train_images_per_s')
+# The scalars logged to TensorBoard at each epoch's end.
+SCALARS = ('train_loss', 'train_grad_norm', 'train_param_norm', 'val_loss', 'val_map',
+           'val_mean_precision_at_0.5', 'lr', 'train_images_per_s')
+# The train step's metrics (steps.train_step), logged to TensorBoard as `step/<name>` at log
+# points and recorded per epoch as `train_<name>`, the mean over the epoch's steps.
+STEP_METRICS = ('loss', 'grad_norm', 'param_norm')
 
 
 def _finite_or_none(values) -> list:
   return [float(v) if math.isfinite(v) else None for v in values]
 
 
-def epoch_record(*, epoch: int, step: int, train_loss: float, val_loss: float,
+def epoch_record(*, epoch: int, step: int, train: dict[str, float], val_loss: float,
                  labels: np.ndarray, scores: np.ndarray, lr: float, images_per_s: float,
                  seconds: float) -> dict[str, Any]:
-  """One history.json record from an epoch's validation scores."""
+  """One history.json record from the epoch's mean step metrics (`train`: STEP_METRICS, absent
+  ones None) and its validation scores."""
   return {
       'epoch': epoch,
       'step': step,
-      'train_loss': train_loss,
+      **{f'train_{name}': train.get(name) for name in STEP_METRICS},
       'val_loss': val_loss,
       'val_map': metrics.mean_average_precision(labels, scores),
       'val_ap': _finite_or_none(metrics.average_precision(labels, scores)),
@@ -79,9 +83,16 @@ def summary_writer(logdir: pathlib.Path):
   return tensorboardX.SummaryWriter(str(logdir))
 
 
+def log_train_metrics(writer, step: int, metrics: dict) -> None:
+  """The train step's metrics at `step` (steps.train_step), as `step/<name>`."""
+  for name in STEP_METRICS:
+    writer.add_scalar(f'step/{name}', float(metrics[name]), step)
+
+
 def log_to_tensorboard(writer, record: dict) -> None:
   for key in SCALARS:
-    writer.add_scalar(key, record[key], record['step'])
+    if record.get(key) is not None:
+      writer.add_scalar(key, record[key], record['step'])
   for tag, value in zip(planet.TAGS, record['val_ap']):
     if value is not None:
       writer.add_scalar(f'val_ap/{tag}', value, record['step'])
@@ -90,6 +101,7 @@ def log_to_tensorboard(writer, record: dict) -> None:
 
 def epoch_line(record: dict, num_epochs: int) -> str:
   return (f'epoch {record["epoch"]}/{num_epochs}  train_loss {record["train_loss"]:.4f}  '
+          f'grad_norm {record["train_grad_norm"]:.3g}  '
           f'val_loss {record["val_loss"]:.4f}  val_mAP {record["val_map"]:.4f}  '
           f'val_P@0.5 {record["val_mean_precision_at_0.5"]:.4f}  lr {record["lr"]:.3g}  '
           f'{record["train_images_per_s"]:.1f} img/s  {record["epoch_seconds"]:.1f} s')

@@ -5,8 +5,6 @@ functions, so a key of `config.data` is interpreted in one place. `jax.process_i
 `process_count()` are read here: each process reads its slice of every global batch.
 """
 
-from collections.abc import Iterator
-import dataclasses
 import functools
 import itertools
 
@@ -110,22 +108,11 @@ def _check_cache_layout(config: ml_collections.ConfigDict) -> None:
         "--config.parallel=jit or --config.data.cache=host.")
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalBatches:
-  """One pass over a split (this process's slice of every global batch of raw chips, the last
-  padded: a 'mask' marks chips), and the preprocessing the eval step applies to them."""
-  batches: Iterator[dict]
-  preprocess: augment.Preprocess
-
-  def __iter__(self) -> Iterator[dict]:
-    return self.batches
-
-
 def eval_batches(config: ml_collections.ConfigDict, data: prepared.PlanetData,
-                 split: str) -> EvalBatches:
-  """One pass over `split` in source order; every process gets all scores back (predict)."""
-  batches = pipeline.eval_batches(
+                 split: str) -> pipeline.EvalBatches:
+  """Passes over `split` in source order (each iteration one pass; this process's slice of
+  every global batch of raw chips); every process gets all scores back (predict)."""
+  return pipeline.eval_batches(
       data, split, batch_size=config.eval_batch_size, cache=config.data.cache,
       threads=config.data.num_workers, shard_index=jax.process_index(),
       shard_count=jax.process_count(), to_device=parallel.replicate)
-  return EvalBatches(batches, preprocess(config, data))

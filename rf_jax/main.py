@@ -31,6 +31,7 @@ from rf_jax import evaluate
 from rf_jax import export
 from rf_jax import inputs
 from rf_jax import provenance
+from rf_jax import runner as runner_lib
 from rf_jax import submission
 from rf_jax import train
 from rf_jax import chip_scores
@@ -64,16 +65,17 @@ def run(mode: str, config, workdir: str, allow_config_change=(), chips=None) -> 
   if mode == 'predict' and chips:
     chip_scores.predict_chips(config, workdir, chips)
     return
-  data = None
-  if mode == 'all':
+  data = runner = None
+  if mode == 'all':  # one dataset and one set of compiled steps for all three
     config_checks.check(config)
     data = inputs.prepare(config, workdir_lib.Workdir(workdir))
+    runner = runner_lib.for_config(config, inputs.preprocess(config, data))
   if mode in ('train', 'all'):
-    train.train_and_evaluate(config, workdir, data, allow_config_change)
+    train.train_and_evaluate(config, workdir, data, allow_config_change, runner)
   if mode in ('evaluate', 'all'):
-    evaluate.evaluate(config, workdir, data)
+    evaluate.evaluate(config, workdir, data, runner)
   if mode == 'predict' or (mode == 'all' and data.has_test):
-    submission.predict_test(config, workdir, data)
+    submission.predict_test(config, workdir, data, runner)
   if mode == 'export':
     export.export(config, workdir)
 

@@ -40,7 +40,7 @@ class DeviceCountError(errors.UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Runner:
   """Compiled steps plus the moves between host and device layouts."""
-  train_step: Callable[[Any, Any], tuple[Any, jax.Array]]  # (state, batch) -> (state, loss)
+  train_step: Callable[[Any, Any], tuple[Any, dict]]  # (state, batch) -> (state, metrics)
   eval_step: Callable[[Any, Any], Any]  # (state, batch) -> per-example outputs
   put_state: Callable[[Any], Any]  # one host copy -> device layout
   get_state: Callable[[Any], Any]  # device layout -> one copy (checkpoints)
@@ -118,8 +118,8 @@ def _pmap_runner(train_step, eval_step) -> Runner:
                            axis_name=AXIS_NAME, donate_argnums=0)
 
   def train(state, batch):
-    state, loss = pmapped_train(state, batch)
-    return state, loss[0]  # identical on every device after pmean
+    state, metrics = pmapped_train(state, batch)
+    return state, jax.tree.map(lambda x: x[0], metrics)  # identical on every device (pmean)
 
   def unshard(outputs):
     outputs = multihost_utils.process_allgather(outputs, tiled=True)

@@ -39,8 +39,10 @@ def write_submission(path: pathlib.Path, names, predicted: np.ndarray) -> None:
   workdir_lib.write_text(path, '\n'.join(lines) + '\n')
 
 
-def predict_test(config: ml_collections.ConfigDict, workdir, data=None) -> pathlib.Path:
-  """Writes the submission for the test chips with the thresholds tuned at evaluation."""
+def predict_test(config: ml_collections.ConfigDict, workdir, data=None,
+                 runner=None) -> pathlib.Path:
+  """Writes the submission for the test chips with the thresholds tuned at evaluation.
+  `runner`: the run's steps when the caller already built them (runner.for_config)."""
   config_checks.check(config)
   wd = workdir_lib.Workdir(workdir)
   state, restored = evaluate.restore_model(config, wd)
@@ -50,7 +52,8 @@ def predict_test(config: ml_collections.ConfigDict, workdir, data=None) -> pathl
     raise planet.PlanetDataError(
         f'No test chips in the prepared dataset ({data.data_dir}): put the Kaggle test-tif-v2 '
         'folder in config.data.raw_dir and prepare again.')
-  scores, _, _ = evaluate.make_predict_fn(config, state)(inputs.eval_batches(config, data, 'test'))
+  scores, _, _ = evaluate.make_predict_fn(config, data, state, runner)(
+      inputs.eval_batches(config, data, 'test'))
   if jax.process_index() != 0:  # every process predicts its part; process 0 writes
     return wd.submission
   write_submission(wd.submission, data.names['test'], metrics.binarize(scores, thresholds))

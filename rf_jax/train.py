@@ -1,11 +1,11 @@
 """Training with per-epoch validation: `train_and_evaluate(config, workdir)`.
 
-The loop reads top to bottom: set up the run (data, model, state, checkpoints), then per epoch
-train `steps_per_epoch` steps and validate. What happens around the steps is named:
-`_LossSum` (the epoch's running loss, kept in checkpoints for an exact resume),
-`_check_finite` (the NaN guard), `_Checkpointer` (latest + best with the validation scores),
-pre-emption (rf_jax/preemption.py), history and TensorBoard (rf_jax/history.py).
-A rerun in the same workdir resumes exactly from the latest checkpoint.
+Read top to bottom, as Flax's ImageNet example: set up the run (data, model, state, steps,
+checkpoints; restored from the latest checkpoint when there is one), then one loop over the
+steps. After each step, predicates say what else is due: a log point (the running means, the
+non-finite-loss guard, TensorBoard), an epoch's end (validate, record, save the latest and the
+best checkpoint), a periodic checkpoint, a stop request (save, then stop). A rerun in the same
+workdir resumes exactly from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -14,74 +14,79 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any
 
 from absl import logging
 from clu import parameter_overview
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
 
 from rf_jax import checkpoints
 from rf_jax import config_checks
+from rf_jax import errors
 from rf_jax import history
+from rf_jax import host_memory
 from rf_jax import inputs
 from rf_jax import parallel
+from rf_jax import predict
 from rf_jax import preemption
 from rf_jax import provenance
+from rf_jax import runner as runner_lib
 from rf_jax import steps
-from rf_jax import workdir as workdir_lib
 from rf_jax import weights
+from rf_jax import workdir as workdir_lib
 from rf_jax.data import planet
 from rf_jax.data import prepared
 from rf_jax.models import registry
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
   """The training loss became NaN or infinite."""
 
 
-class _LossSum:
-  """The running sum of an epoch's step losses, on device until it is read."""
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """What a checkpoint holds besides the state: the finished epochs' records, the running
+  epoch's metric sums ({name: (sum, steps)}, summed on device) and the config changes the
+  user allowed on resuming."""
+  epochs: tuple[dict, ...] = ()
+  sums: dict = dataclasses.field(default_factory=dict)
+  config_changes: tuple[dict, ...] = ()
 
-  def __init__(self, total: float = 0.0, count: int = 0):
-    self.total, self.count = jnp.float32(total), count
+  def add(self, metrics: dict) -> Progress:
+    sums = {k: (self.sums.get(k, (0.0, 0))[0] + v, self.sums.get(k, (0.0, 0))[1] + 1)
+            for k, v in metrics.items()}
+    return dataclasses.replace(self, sums=sums)
 
-  def add(self, loss: jax.Array) -> None:
-    self.total, self.count = self.total + loss, self.count + 1
-
-  def mean(self) -> float:
-    return float(self.total) / self.count
-
-
-@dataclasses.dataclass
-class _Progress:
-  """What a checkpoint holds besides the state: finished epochs, the running epoch's loss,
-  and the config changes the user allowed on resuming."""
-  epochs: list[dict]
-  loss: _LossSum
-  config_changes: list[dict] = dataclasses.field(default_factory=list)
+  def means(self) -> dict[str, float]:
+    """The running epoch's mean of each step metric (reads them from the device)."""
+    return {k: float(total) / count for k, (total, count) in self.sums.items()}
 
   def to_json(self) -> dict:
-    return {'history': self.epochs, 'epoch_loss_total': float(self.loss.total),
-            'epoch_loss_count': self.loss.count, 'config_changes': self.config_changes}
+    return {'history': list(self.epochs), 'config_changes': list(self.config_changes),
+            'epoch_sums': {k: [float(total), count] for k, (total, count) in self.sums.items()}}
 
   @classmethod
-  def from_json(cls, saved: dict) -> '_Progress':
-    return cls(saved['history'], _LossSum(saved['epoch_loss_total'], saved['epoch_loss_count']),
-               saved.get('config_changes', []))
+  def from_json(cls, saved: dict) -> Progress:
+    sums = saved.get('epoch_sums')
+    if sums is None:  # written before the step returned more metrics than its loss
+      sums = {'loss': (saved['epoch_loss_total'], saved['epoch_loss_count'])}
+    # float32 as summed before the save, so that the resumed sums continue bit for bit.
+    return cls(tuple(saved['history']), {k: (jnp.float32(t), c) for k, (t, c) in sums.items()},
+               tuple(saved.get('config_changes', ())))
 
 
-def _check_finite(loss: float, step: int, epoch: int, last_saved: int | None, where) -> None:
+def _check_finite(loss: float, step: int, steps_per_epoch: int, last_saved: int | None,
+                  where) -> None:
   if not math.isfinite(loss):
     raise NonFiniteLossError(
-        f'The training loss became {loss} by step {step} (epoch {epoch + 1}); nothing was saved '
-        f'after it. The last good checkpoint (step {last_saved}) is intact in {where}: lower '
-        '--config.optim.lr or check the input data, then rerun to resume from it.')
+        f'The training loss became {loss} by step {step} (epoch '
+        f'{(step - 1) // steps_per_epoch + 1}); nothing was saved after it. The last good '
+        f'checkpoint (step {last_saved}) is intact in {where}: lower --config.optim.lr or check '
+        'the input data, then rerun to resume from it.')
 
 
 def create_train_state(config: ml_collections.ConfigDict, model, learning_rate_fn,
@@ -96,49 +101,6 @@ def create_train_state(config: ml_collections.ConfigDict, model, learning_rate_f
       rng=stem_rng)
   tx = steps.create_optimizer(learning_rate_fn, config.optim.momentum)
   return steps.create_train_state(variables, model, tx)
-
-
-class _Checkpointer:
-  """Saves the latest state (resume) and keeps the best epoch's, with its validation scores."""
-
-  def __init__(self, config, wd: workdir_lib.Workdir, runner: parallel.Runner):
-    self.config, self.runner = config, runner
-    self.manager = checkpoints.create_manager(wd.checkpoints,
-                                              select_by=config.eval.select_by)
-
-  def restore(self, state):
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return checkpoints.restore_latest(self.manager, abstract)
-
-  def save(self, step, state, train_iter, progress: _Progress, record=None, scores=None):
-    checkpoints.save(self.manager, step, state=jax.device_get(self.runner.get_state(state)),
-                     data_state=train_iter.get_state(), progress=progress.to_json(),
-                     config=self.config, record=record, val_scores=scores)
-
-  def stopped(self, signal_name: str, step: int) -> preemption.TrainingStopped:
-    return preemption.TrainingStopped(
-        f'{signal_name} received: saved step {step} in {self.manager.directory}. Rerun the '
-        'same command to resume exactly from there.')
-
-
-@dataclasses.dataclass
-class _Run:
-  """Everything the epoch loop needs, set up once."""
-  config: Any
-  wd: workdir_lib.Workdir
-  data: Any
-  steps_per_epoch: int
-  learning_rate_fn: optax.Schedule
-  runner: parallel.Runner
-  state: Any
-  train_iter: Any
-  checkpointer: _Checkpointer
-  progress: _Progress
-  is_chief: bool
-
-  @property
-  def step(self) -> int:
-    return int(self.runner.get_state(self.state).step)
 
 
 def _check_resumable(config, wd: workdir_lib.Workdir, allowed) -> list[dict]:
@@ -165,131 +127,135 @@ def _check_data_fits(config, data) -> None:
         f'config.batch_size={config.batch_size} exceeds the {len(data.train)} training chips.')
 
 
-def _set_up(config, wd: workdir_lib.Workdir, data, changes: list[dict]) -> _Run:
-  """Data, model, state and checkpoints of a run, restored from the latest checkpoint if any."""
-  data = data or inputs.prepare(config, wd)
-  _check_data_fits(config, data)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    provenance.record_invocation(wd, 'train', config, data)
-  steps_per_epoch = prepared.steps_per_epoch(data, config.batch_size)
-  kind = config.parallel if jax.device_count() > 1 else 'jit'
-  model = registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
-                                dtype=jnp.dtype(config.dtype),
-                                axis_name=parallel.AXIS_NAME if kind == 'pmap' else None)
-  o = config.optim
-  learning_rate_fn = steps.create_learning_rate_fn(o.lr, o.decay_epochs, o.decay_rate,
-                                                   steps_per_epoch)
-  state = create_train_state(config, model, learning_rate_fn, jax.random.key(config.seed))
-  if is_chief:
-    _write_parameter_table(wd, config.model.name, state.params)
-  train_iter = inputs.train_loader(config, data)
-  runner = steps.create_runner(kind, flips=config.eval.flips,
-                               preprocess=inputs.preprocess(config, data))
-  checkpointer = _Checkpointer(config, wd, runner)
-  progress = _Progress([], _LossSum())
-  restored = checkpointer.restore(state)
-  if restored is not None:
-    state = restored.state
-    train_iter.set_state(restored.data_state)
-    progress = _Progress.from_json(restored.progress)
-    progress.config_changes += [dict(c, step=restored.step) for c in changes]
-    print(f'Resumed from step {restored.step} ({checkpointer.manager.directory})'
-          + ''.join(f'; config.{c["key"]} {c["from"]!r} -> {c["to"]!r}' for c in changes) + '.')
-  return _Run(config, wd, data, steps_per_epoch, learning_rate_fn, runner,
-              runner.put_state(state), train_iter, checkpointer, progress, is_chief)
-
-
 def _write_parameter_table(wd: workdir_lib.Workdir, name: str, params) -> None:
   table = parameter_overview.get_parameter_overview(params, include_stats=False)
   workdir_lib.write_text(wd.parameters, f'Parameters of {name}:\n{table}\n')
   logging.info('Parameters of %s:\n%s', name, table)
 
 
-def _train_epoch(run: _Run, epoch: int, stop: list) -> float:
-  """Trains to the end of `epoch`; returns the seconds it took (this process's part of it)."""
-  config, manager = run.config, run.checkpointer.manager
-  step, epoch_end = run.step, (epoch + 1) * run.steps_per_epoch
-  bar = tqdm.tqdm(total=run.steps_per_epoch, initial=step - epoch * run.steps_per_epoch,
-                  desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step', file=sys.stderr,
-                  disable=not run.is_chief, mininterval=1.0, dynamic_ncols=True)
-  start = time.perf_counter()
-  while step < epoch_end:
-    run.state, loss = run.runner.train_step(run.state,
-                                            run.runner.put_batch(next(run.train_iter)))
-    run.progress.loss.add(loss)
-    step += 1
-    bar.update()
-    stop_signal = preemption.agreed(stop)
-    periodic_save = (config.checkpoint_every_steps and step < epoch_end
-                     and step % config.checkpoint_every_steps == 0)
-    if step % config.log_every_steps == 0 or periodic_save or stop_signal or step == epoch_end:
-      mean_loss = run.progress.loss.mean()
-      _check_finite(mean_loss, step, epoch, manager.latest_step(), manager.directory)
-      bar.set_postfix(loss=f'{mean_loss:.4f}', refresh=False)
-    if stop_signal and step < epoch_end:
-      run.checkpointer.save(step, run.state, run.train_iter, run.progress)
-      bar.close()
-      raise run.checkpointer.stopped(stop_signal, step)
-    if periodic_save:
-      run.checkpointer.save(step, run.state, run.train_iter, run.progress)
-  bar.close()
-  return time.perf_counter() - start
-
-
-def _validate(run: _Run, epoch: int, seconds: float, first_step: int) -> tuple[dict, np.ndarray]:
-  """The epoch's history record and its validation scores."""
-  scores, labels, val_loss = steps.predict(run.runner, run.state,
-                                           inputs.eval_batches(run.config, run.data, 'validation'))
-  step = run.step
-  record = history.epoch_record(
-      epoch=epoch + 1, step=step, train_loss=run.progress.loss.mean(), val_loss=val_loss,
-      labels=labels, scores=scores, lr=float(run.learning_rate_fn(epoch * run.steps_per_epoch)),
-      images_per_s=(step - first_step) * run.config.batch_size / seconds, seconds=seconds)
-  return record, scores
+def _epoch_bar(config, epoch: int, done: int, steps_per_epoch: int, is_chief: bool) -> tqdm.tqdm:
+  return tqdm.tqdm(total=steps_per_epoch, initial=done, desc=f'epoch {epoch + 1}/'
+                   f'{config.num_epochs}', unit='step', file=sys.stderr, disable=not is_chief,
+                   mininterval=1.0, dynamic_ncols=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
-                       allow_config_change=()) -> steps.TrainState:
+                       allow_config_change=(), runner=None) -> steps.TrainState:
   """Trains `config.num_epochs` epochs, validating after each; returns the final state.
 
   `data`: the prepared dataset when the caller already has it (inputs.prepare).
   `allow_config_change`: keys (config_checks.CHANGEABLE_KEYS) that may differ from the run
   being resumed; any other difference is refused before any work.
+  `runner`: the run's steps (runner.for_config) when the caller already built them, so that
+  evaluation afterwards reuses their compiled programs.
   """
+  # --- set-up ---
   config_checks.check(config)
   parallel.check_batch_sizes(config)
   wd = workdir_lib.Workdir(workdir)
   wd.create()
   changes = _check_resumable(config, wd, allow_config_change)
-  run = _set_up(config, wd, data, changes)
-  first_epoch = run.step // run.steps_per_epoch
-  if first_epoch >= config.num_epochs:
-    print(f'{wd.root} is already trained to epoch {len(run.progress.epochs)} (step {run.step}); '
-          f'nothing to do. Raise --config.num_epochs (with --allow_config_change=num_epochs) to '
+  data = data or inputs.prepare(config, wd)
+  _check_data_fits(config, data)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    provenance.record_invocation(wd, 'train', config, data)
+  steps_per_epoch = prepared.steps_per_epoch(data, config.batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  layout = runner_lib.layout(config)
+  model = registry.create_model(
+      config.model.name, num_classes=planet.NUM_TAGS, dtype=jnp.dtype(config.dtype),
+      axis_name=parallel.AXIS_NAME if layout == 'pmap' else None, width=config.model.width)
+  o = config.optim
+  learning_rate_fn = steps.create_learning_rate_fn(o.lr, o.decay_epochs, o.decay_rate,
+                                                   steps_per_epoch)
+  state = create_train_state(config, model, learning_rate_fn, jax.random.key(config.seed))
+  host_memory.release_freed_heap()  # before the train step's buffers come on top of it
+  if is_chief:
+    _write_parameter_table(wd, config.model.name, state.params)
+  runner = runner or runner_lib.for_config(config, inputs.preprocess(config, data))
+  train_iter = inputs.train_loader(config, data)
+  validation = inputs.eval_batches(config, data, 'validation')
+  manager = checkpoints.create_manager(wd.checkpoints, select_by=config.eval.select_by)
+  progress = Progress()
+  restored = checkpoints.restore_latest(manager,
+                                        jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  if restored is not None:
+    state = restored.state
+    train_iter.set_state(restored.data_state)
+    progress = Progress.from_json(restored.progress)
+    progress = dataclasses.replace(progress, config_changes=progress.config_changes + tuple(
+        dict(c, step=restored.step) for c in changes))
+    print(f'Resumed from step {restored.step} ({manager.directory})'
+          + ''.join(f'; config.{c["key"]} {c["from"]!r} -> {c["to"]!r}' for c in changes) + '.')
+  state = runner.put_state(state)
+  start = int(runner.get_state(state).step)
+  if start >= total_steps:
+    print(f'{wd.root} is already trained to epoch {len(progress.epochs)} (step {start}); '
+          'nothing to do. Raise --config.num_epochs (with --allow_config_change=num_epochs) to '
           'train on.')
-    return run.runner.get_state(run.state)
-  writer = history.summary_writer(wd.tensorboard) if run.is_chief else None
-  if run.is_chief:  # also after a resume: a kill may have come between checkpoint and file
-    history.write(wd.history, config.model.name, run.progress.epochs, run.progress.config_changes)
+    return runner.get_state(state)
+
+  def save(step: int, record=None, scores=None) -> None:
+    _check_finite(progress.means()['loss'] if progress.sums else 0.0, step, steps_per_epoch,
+                  manager.latest_step(), manager.directory)  # never save a non-finite state
+    checkpoints.save(manager, step, state=jax.device_get(runner.get_state(state)),
+                     data_state=train_iter.get_state(), progress=progress.to_json(),
+                     config=config, record=record, val_scores=scores)
+
+  writer = history.summary_writer(wd.tensorboard) if is_chief else None
+  if is_chief:  # also after a resume: a kill may have come between checkpoint and file
+    history.write(wd.history, config.model.name, progress.epochs, progress.config_changes)
+
+  # --- the loop over steps ---
+  bar, epoch_start = None, (start, time.perf_counter())
   with preemption.stop_requests() as stop:
-    for epoch in range(first_epoch, config.num_epochs):
-      first_step = run.step
-      seconds = _train_epoch(run, epoch, stop)
-      record, scores = _validate(run, epoch, seconds, first_step)
-      run.progress = dataclasses.replace(run.progress, epochs=run.progress.epochs + [record],
-                                         loss=_LossSum())
-      run.checkpointer.save(record['step'], run.state, run.train_iter, run.progress,
-                            record=record, scores=scores)
-      if run.is_chief:
-        history.write(wd.history, config.model.name, run.progress.epochs,
-                      run.progress.config_changes)
-        history.log_to_tensorboard(writer, record)
-        print(history.epoch_line(record, config.num_epochs), flush=True)
+    for step in range(start + 1, total_steps + 1):
+      epoch, done = divmod(step - 1, steps_per_epoch)
+      if bar is None:
+        bar = _epoch_bar(config, epoch, done, steps_per_epoch, is_chief)
+      state, metrics = runner.train_step(state, runner.put_batch(next(train_iter)))
+      progress = progress.add(metrics)
+      bar.update()
+      epoch_end = step % steps_per_epoch == 0
+
+      if step % config.log_every_steps == 0 or epoch_end:
+        means = progress.means()
+        _check_finite(means['loss'], step, steps_per_epoch, manager.latest_step(),
+                      manager.directory)
+        bar.set_postfix(loss=f'{means["loss"]:.4f}', refresh=False)
+        if writer is not None:
+          history.log_train_metrics(writer, step, jax.device_get(metrics))
+
+      if epoch_end:
+        bar.close()
+        seconds = time.perf_counter() - epoch_start[1]
+        scores, labels, val_loss = predict.predict(runner, state, validation)
+        means = progress.means()
+        record = history.epoch_record(
+            epoch=epoch + 1, step=step, train=means, val_loss=val_loss, labels=labels,
+            scores=scores, lr=float(learning_rate_fn(epoch * steps_per_epoch)),
+            images_per_s=(step - epoch_start[0]) * config.batch_size / seconds,
+            seconds=seconds)
+        progress = dataclasses.replace(progress, epochs=progress.epochs + (record,), sums={})
+        save(step, record, scores)
+        if is_chief:
+          history.write(wd.history, config.model.name, progress.epochs, progress.config_changes)
+          history.log_to_tensorboard(writer, record)
+          print(history.epoch_line(record, config.num_epochs), flush=True)
+        bar, epoch_start = None, (step, time.perf_counter())
+
       stop_signal = preemption.agreed(stop)
+      if not epoch_end and (stop_signal or (config.checkpoint_every_steps and
+                                            step % config.checkpoint_every_steps == 0)):
+        save(step)
       if stop_signal:
-        raise run.checkpointer.stopped(stop_signal, record['step'])
+        if bar is not None:
+          bar.close()
+        raise preemption.TrainingStopped(
+            f'{stop_signal} received: saved step {step} in {manager.directory}. Rerun the '
+            'same command to resume exactly from there.')
   if writer is not None:
     writer.close()
-  run.checkpointer.manager.close()
-  return run.runner.get_state(run.state)
+  manager.close()
+  return runner.get_state(state)

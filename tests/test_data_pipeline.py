@@ -10,7 +10,7 @@ import pytest
 import numpy_transforms
 from rf_jax import augment
 from rf_jax import parallel
-from rf_jax import steps
+from rf_jax import runner as runner_lib
 from rf_jax.data import pipeline
 from rf_jax.data import planet
 from rf_jax.data import prepared
@@ -171,10 +171,10 @@ def test_resume_continues_exactly_on_any_process_count(prepared_synthetic, cache
 def test_batches_reach_the_cpu_device_without_a_copy(prepared_synthetic, cache):
   """Batches are 64-byte aligned, so XLA:CPU adopts them as they are; the host cache hands an
   evaluation batch over as a read-only view of the held split (no copy either)."""
-  runner = steps.create_runner('jit', flips=False)  # only its put_batch is used
+  runner = runner_lib.create_runner('jit', flips=False)  # only its put_batch is used
   train = next(_loader(prepared_synthetic, cache=cache))
-  evaluation = next(pipeline.eval_batches(prepared_synthetic, 'validation', batch_size=8,
-                                          cache=cache))
+  evaluation = next(iter(pipeline.eval_batches(prepared_synthetic, 'validation', batch_size=8,
+                                               cache=cache)))
   for batch in (train, evaluation):
     placed = runner.put_batch(batch)[0]['image']
     first = placed.addressable_shards[0]
@@ -240,13 +240,12 @@ def test_eval_process_slices_concatenate_to_the_global_batches(prepared_syntheti
 
 
 def test_cache_that_does_not_fit_is_one_clear_error(tiny, monkeypatch):
-  """(`tiny`'s validation split is held by no other test: a held split is not read again.)"""
   monkeypatch.setattr(pipeline, 'available_host_bytes', lambda: 1000)
   n = len(tiny.validation)
   for cache, needed in (('host', 1), ('device', 2)):  # device on CPU: a second copy in RAM
     with pytest.raises(planet.PlanetDataError) as raised:
-      next(pipeline.eval_batches(tiny, 'validation', batch_size=4, cache=cache,
-                                 to_device=parallel.replicate))
+      pipeline.eval_batches(tiny, 'validation', batch_size=4, cache=cache,
+                            to_device=parallel.replicate)
     message = str(raised.value)
     assert f"config.data.cache='{cache}'" in message and f'{n:,} chips x 16x16x4 uint8' in message
     assert f'{n * 16 * 16 * 4 * needed / 1e9:.3g} GB of host RAM, 1e-06 GB available' in message
@@ -261,7 +260,7 @@ def test_bad_arguments(prepared_synthetic):
   with pytest.raises(ValueError, match='batch_size'):
     _loader(prepared_synthetic, batch_size=41)
   with pytest.raises(ValueError, match='split'):
-    next(pipeline.eval_batches(prepared_synthetic, 'nope', batch_size=2))
+    pipeline.eval_batches(prepared_synthetic, 'nope', batch_size=2)
 
 
 def test_steps_per_epoch(prepared_synthetic):

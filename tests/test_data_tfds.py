@@ -248,7 +248,7 @@ def test_real_chips_through_builder_and_pipeline(real_planet_dir, tmp_path):
         planet.read_chip(real_planet_dir / f'{record["name"]}.tif'))
     np.testing.assert_array_equal(record['labels'], labels[i])
   # The loaders hand the chips on as stored (the steps resize and normalise).
-  batch = next(pipeline.eval_batches(data, 'validation', batch_size=2))
+  batch = next(iter(pipeline.eval_batches(data, 'validation', batch_size=2)))
   assert batch['image'].shape == (2, 256, 256, 4) and batch['image'].dtype == np.uint16
   np.testing.assert_array_equal(batch['image'][0], data.validation[0]['image'])
   assert not batch['image'][1].any()

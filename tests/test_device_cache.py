@@ -26,7 +26,8 @@ _SCRIPT = textwrap.dedent('''
     import dataclasses, json, sys
     import flax.linen as nn
     import jax, jax.numpy as jnp, optax
-    from rf_jax import config_checks, inputs, parallel, steps
+    from rf_jax import config_checks, inputs, parallel, predict, steps
+    from rf_jax import runner as runner_lib
     sys.path.insert(0, 'tests')
     from tiny_configs import tiny
 
@@ -54,14 +55,15 @@ _SCRIPT = textwrap.dedent('''
       model = Small(parallel.AXIS_NAME if kind == 'pmap' else None)
       variables = steps.init_variables(model, jax.random.key(0), 96, 3)
       state = steps.create_train_state(variables, model, optax.sgd(0.1))
-      runner = steps.create_runner(kind, flips=True, preprocess=preprocess, devices=devices)
+      runner = runner_lib.create_runner(kind, flips=True, preprocess=preprocess,
+                                        devices=devices)
       state = runner.put_state(state)
       loader, losses = inputs.train_loader(config, data), []
       for _ in range(4):
-        state, loss = runner.train_step(state, runner.put_batch(next(loader)))
-        losses.append(float(loss))
-      scores, labels, loss = steps.predict(runner, state,
-                                           inputs.eval_batches(config, data, 'validation'))
+        state, metrics = runner.train_step(state, runner.put_batch(next(loader)))
+        losses.append(float(metrics['loss']))
+      scores, labels, loss = predict.predict(runner, state,
+                                             inputs.eval_batches(config, data, 'validation'))
       return {'losses': losses, 'val_loss': loss, 'scores': scores.tolist(),
               'labels': labels.tolist()}
 
@@ -79,7 +81,7 @@ _SCRIPT = textwrap.dedent('''
       except config_checks.ConfigError as e:
         config.parallel = 'jit'
         try:
-          steps.create_runner('pmap', flips=False).put_batch(
+          runner_lib.create_runner('pmap', flips=False).put_batch(
               next(inputs.train_loader(config, data)))
         except ValueError as f:
           return [str(e), str(f)]

@@ -18,26 +18,17 @@ from rf_jax import config_checks
 from rf_jax import parallel
 from rf_jax import steps
 from rf_jax import train
-from rf_jax import weights
 from rf_jax.models import registry
 from rf_jax.workdir import Workdir
-from tiny_configs import tiny
-
-torchvision = pytest.importorskip('torchvision')
+from tiny_configs import tiny, tiny_weights_file
 
 TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
 
 
 @pytest.fixture(scope='module')
 def weights_file(tmp_path_factory) -> pathlib.Path:
-  """A random-init torchvision ResNet-18 ported like the ImageNet one (no download)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  net = torchvision.models.resnet18()
-  variables = weights.torchvision_to_flax({k: v.numpy() for k, v in net.state_dict().items()})
-  path = tmp_path_factory.mktemp('weights') / 'resnet18.msgpack'
-  weights.save_weights_file(variables, path)
-  return path
+  """A random-init ResNet-18 of the tiny width, written like the ported ImageNet one."""
+  return tiny_weights_file(tmp_path_factory.mktemp('weights') / 'resnet18.msgpack')
 
 
 @pytest.fixture(scope='module')
@@ -52,6 +43,7 @@ def runs(tmp_path_factory, synthetic_kaggle_dir, prepared_dir, weights_file):
   for name, epochs in (('rgb', 2), ('rgbir', 1), ('dual', 1)):
     workdir = tmp_path_factory.mktemp(name)
     config = tiny(name, synthetic_kaggle_dir, prepared_dir, weights_file, epochs)
+    config.log_every_steps = 1  # every step's metrics in TensorBoard
     out[name] = (config, workdir, train.train_and_evaluate(config, workdir))
   return out
 
@@ -101,6 +93,20 @@ def test_run_leaves_checkpoints_history_and_events(runs, name):
   assert all(math.isfinite(v) for values in scalars.values() for v in values)
 
 
+def test_history_and_events_hold_the_step_metrics(runs):
+  """Every step's loss, gradient norm and parameter norm reach TensorBoard (log_every_steps=1),
+  and each epoch's record holds their means over its steps."""
+  _, workdir, _ = runs['rgb']
+  history, scalars = _history(workdir), _events(workdir)
+  per_epoch = history[0]['step']
+  for name in ('loss', 'grad_norm', 'param_norm'):
+    values = np.asarray(scalars[f'step/{name}'])
+    assert len(values) == history[-1]['step'] and np.all(values > 0), name
+    means = values.reshape(len(history), per_epoch).mean(axis=1)
+    np.testing.assert_allclose([r[f'train_{name}'] for r in history], means, rtol=1e-6)
+  assert len(set(scalars['step/param_norm'])) > 1  # the parameters moved
+
+
 def test_resume_after_an_epoch_is_exact(runs, tmp_path, synthetic_kaggle_dir, prepared_dir,
                                         weights_file):
   _, full_workdir, full_state = runs['rgb']
@@ -128,10 +134,6 @@ def nan_loss(monkeypatch):
   real_loss = steps.sigmoid_bce
   monkeypatch.setattr(steps, 'sigmoid_bce',
                       lambda logits, labels: real_loss(logits, labels) * jnp.nan)
-  # The memoised steps were traced with the real loss.
-  steps._create_runner.cache_clear()  # pylint: disable=protected-access
-  yield
-  steps._create_runner.cache_clear()  # pylint: disable=protected-access
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path, nan_loss):
@@ -178,6 +180,18 @@ def test_bad_config_values_name_the_key(key, value, message):
   (config[section] if section else config)[field] = value
   with pytest.raises(config_checks.ConfigError, match=message):
     config_checks.check(config)
+
+
+def test_a_key_added_since_the_run_counts_as_its_default():
+  """A run saved before config.model.width existed resumes; another width is refused."""
+  config = rgb.get_config()
+  saved = config.to_dict()
+  del saved['model']['width']
+  assert config_checks.check_same_run(saved, config, (), 'the run') == {}
+  config.model.width = 8
+  with pytest.raises(config_checks.ConfigError, match='config.model.width: the run has 64, '
+                     'this config has 8'):
+    config_checks.check_same_run(saved, config, (), 'the run')
 
 
 def test_batch_must_divide_over_devices(monkeypatch):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import concurrent.futures
-import functools
 import json
 import os
 
@@ -181,7 +180,6 @@ def _check_fits(source, split: str, cache: str) -> None:
         "batch's records from disk).")
 
 
-@functools.lru_cache(maxsize=2)  # the training and the validation split of a run
 def _held(source, split: str, cache: str, threads: int, to_device: Callable | None):
   _check_fits(source, split, cache)
   images, labels = read_split(source, threads)
@@ -214,20 +212,20 @@ def _shard_size(batch_size: int, shard_index: int, shard_count: int) -> int:
 # --- training --------------------------------------------------------------------------------
 
 
-def global_batch(seed: int, num_records: int, batch_size: int, step: int) -> np.ndarray:
+def epoch_order(seed: int, num_records: int, epoch: int) -> np.ndarray:
+  """Epoch `epoch`'s seeded shuffle of all records."""
+  return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
+def global_batch(seed: int, num_records: int, batch_size: int, step: int,
+                 order: np.ndarray | None = None) -> np.ndarray:
   """Record indices of global batch `step`: epoch e is a seeded shuffle of all records, cut
-  into num_records // batch_size whole batches (the remainder is left out of that epoch)."""
-  per_epoch = num_records // batch_size
-  epoch, start = divmod(step, per_epoch)
-  order = _epoch_order(seed, num_records, epoch)
+  into num_records // batch_size whole batches (the remainder is left out of that epoch).
+  `order`: that epoch's epoch_order, where the caller keeps it."""
+  epoch, start = divmod(step, num_records // batch_size)
+  if order is None:
+    order = epoch_order(seed, num_records, epoch)
   return order[start * batch_size:(start + 1) * batch_size]
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(seed: int, num_records: int, epoch: int) -> np.ndarray:
-  order = np.random.default_rng([seed, epoch]).permutation(num_records)
-  order.flags.writeable = False
-  return order
 
 
 class TrainBatches:
@@ -246,12 +244,16 @@ class TrainBatches:
     self._first = shard_index * self._local
     self._order = {'seed': seed, 'num_records': len(source), 'batch_size': batch_size}
     self._source = repr(source)
+    self._epoch = (-1, None)  # (epoch, its order): drawn once per epoch, not per batch
 
   def __iter__(self) -> 'TrainBatches':
     return self
 
   def __next__(self) -> dict:
-    indices = global_batch(step=self._step, **self._order)
+    epoch = self._step // (self._order['num_records'] // self._order['batch_size'])
+    if self._epoch[0] != epoch:
+      self._epoch = (epoch, epoch_order(self._order['seed'], self._order['num_records'], epoch))
+    indices = global_batch(step=self._step, order=self._epoch[1], **self._order)
     self._step += 1
     return self._store.read(indices[self._first:self._first + self._local])
 
@@ -286,16 +288,29 @@ def train_loader(data: prepared.PlanetData, *, batch_size: int, seed: int, cache
 # --- evaluation ------------------------------------------------------------------------------
 
 
+class EvalBatches:
+  """Passes over a split in source order, global batches (this process's slice of each), the
+  last one padded with zero rows of mask 0. Each iteration is one pass; a split held in RAM or
+  on device (cache) is read once, and released with this object."""
+
+  def __init__(self, source, store, *, batch_size: int, shard_index: int, shard_count: int):
+    self._store, self._n, self._batch_size = store, len(source), batch_size
+    self._local = _shard_size(batch_size, shard_index, shard_count)
+    self._first = shard_index * self._local
+
+  def __iter__(self) -> Iterator[dict]:
+    for start in range(0, self._n, self._batch_size):
+      positions = start + self._first + np.arange(self._local)
+      batch = self._store.read(np.where(positions < self._n, positions, -1))
+      batch['mask'] = (positions < self._n).astype(np.float32)
+      yield batch
+
+
 def eval_batches(data: prepared.PlanetData, split: str, *, batch_size: int,
                  cache: str = 'none', threads: int = 0, shard_index: int = 0,
-                 shard_count: int = 1, to_device: Callable | None = None) -> Iterator[dict]:
-  """One pass over `split` in source order, global batches of `batch_size` (this process's
+                 shard_count: int = 1, to_device: Callable | None = None) -> EvalBatches:
+  """Passes over `split` in source order, global batches of `batch_size` (this process's
   slice of each), the last one padded with zero rows of mask 0."""
   source, store = _store(data, split, cache, threads, to_device)
-  local = _shard_size(batch_size, shard_index, shard_count)
-  n = len(source)
-  for start in range(0, n, batch_size):
-    positions = start + shard_index * local + np.arange(local)
-    batch = store.read(np.where(positions < n, positions, -1))
-    batch['mask'] = (positions < n).astype(np.float32)
-    yield batch
+  return EvalBatches(source, store, batch_size=batch_size, shard_index=shard_index,
+                     shard_count=shard_count)
