@@ -1,5 +1,11 @@
 """rf_jax.data.synthetic: layout, tags, determinism, tag-dependent content."""
 
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tifffile
@@ -50,6 +56,58 @@ def test_seeded(tmp_path):
       (c / 'train-tif-v2/train_0.tif').read_bytes()
   assert not (c / 'test-tif-v2').exists()
   assert synthetic.read_spec(a)['seed'] == 5
+
+
+# Writes a small dataset of each layout (64 px: the broadcast upsampling; 36 px: the indexed
+# one) and prints the SHA-256 of every file with the numpy SIMD targets still active.
+_HASH_DATASETS = r"""
+import hashlib, json, sys
+from pathlib import Path
+try:
+  from numpy._core import _multiarray_umath as umath
+except ImportError:  # numpy < 2
+  from numpy.core import _multiarray_umath as umath
+from rf_jax.data import synthetic
+
+out = Path(sys.argv[1])
+synthetic.write_dataset(out / 'kaggle', 24, 64, seed=3, num_test=3)
+synthetic.write_dataset(out / 'course', 8, 36, seed=4, layout='course')
+files = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+         for p in sorted(out.rglob('*')) if p.is_file()}
+active = [t for t in umath.__cpu_dispatch__ if umath.__cpu_features__.get(t)]
+print(json.dumps(dict(files=files, active=active)))
+"""
+
+
+def _numpy_dispatch_targets() -> list[str]:
+  """numpy's SIMD targets above its baseline that this CPU runs (e.g. X86_V3, X86_V4)."""
+  try:
+    from numpy._core import _multiarray_umath as umath
+  except ImportError:  # numpy < 2
+    from numpy.core import _multiarray_umath as umath
+  return [t for t in umath.__cpu_dispatch__ if umath.__cpu_features__.get(t)]
+
+
+def test_bytes_do_not_depend_on_the_cpu(tmp_path):
+  """The chips are the same on every x86 CPU: generated once as this CPU runs numpy and once
+  with numpy's SIMD targets (AVX2, AVX-512 ...) and glibc's FMA/AVX2 libm variants off, as an
+  older CPU would run them, every file's bytes agree."""
+  targets = _numpy_dispatch_targets()
+  if not targets:
+    pytest.skip('numpy runs only its baseline code on this CPU: nothing to turn off')
+
+  def generate(name, **env):
+    result = subprocess.run([sys.executable, '-c', _HASH_DATASETS, str(tmp_path / name)],
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], check=True)
+    return json.loads(result.stdout)
+
+  native = generate('native')
+  baseline = generate('baseline', NPY_DISABLE_CPU_FEATURES=' '.join(targets),
+                      GLIBC_TUNABLES='glibc.cpu.hwcaps=-AVX2,-FMA')
+  assert native['active'] == targets and baseline['active'] == []  # the switch took effect
+  assert len(native['files']) == 24 + 3 + 8 + 2 + 2
+  assert baseline['files'] == native['files']
 
 
 def test_course_layout(tmp_path):

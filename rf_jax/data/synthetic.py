@@ -9,6 +9,12 @@ subset of cells with its own spectral signature (R, G, B, NIR). Some tags
 change only the NIR band, so a model that sees NIR can beat one that sees RGB
 only. Everything is vectorised over chunks of chips and fixed-size noise
 tiles so that thousands of 256 px chips take seconds.
+
+The bytes are the same on every CPU: each value is a draw from numpy's Generator, integer
+arithmetic, an exact float32 sum of integer signatures, or one correctly rounded float32
+multiply. Keep numpy's transcendental ufuncs and float reductions out of it: their AVX2 and
+AVX-512 paths differ in the last bits, which can flip a rounding to uint16
+(tests/test_data_synthetic.py generates with numpy's SIMD paths off and compares).
 """
 
 from __future__ import annotations
