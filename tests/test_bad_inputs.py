@@ -168,6 +168,9 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
       'evaluate before training': (
           base + ['--workdir', str(empty_workdir), '--mode', 'evaluate'], {},
           ['No checkpoints in', 'train first']),
+      'no --config for a workdir without a run': (
+          ['--workdir', str(tmp / 'no_run'), '--mode', 'evaluate'], {},
+          [re.escape(str(tmp / 'no_run' / 'config.json')) + ' not found', 'give --config']),
       'prepared_dir not writable': (
           base + [f'--config.data.prepared_dir={a_file / "prepared"}'] + fresh('w_prep'), {},
           [re.escape(str(a_file)), 'Not a directory', 'prepared_dir']),
@@ -243,7 +246,8 @@ CLI_CASES = ['missing data directory', 'CSV with a wrong header', 'truncated chi
              'unknown config key', 'bad value type', 'batch not divisible by the devices',
              'missing config file', 'weights file missing', 'weights file truncated',
              'checkpoint of another model (evaluate)',
-             'evaluate before training', 'workdir not writable', 'prepared_dir not writable',
+             'evaluate before training', 'no --config for a workdir without a run',
+             'workdir not writable', 'prepared_dir not writable',
              'workdir is a file', 'resumed with another config', 'evaluated on another split',
              'a change that cannot be allowed', 'a config key given as a flag',
              'a missing JAX backend', 'crop larger than the chips']
