@@ -72,14 +72,15 @@ def _train(data, settings: common.Settings, threads: int) -> dict:
 def _eval(data, settings: common.Settings) -> dict:
   """Passes over the validation split, one after the other, for the timed seconds."""
   from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  evaluation = pipeline.eval_batches(data, 'validation', batch_size=settings.eval_batch,
+                                     threads=settings.workers)
   passes = iter(())
 
   def next_batch() -> int:
     nonlocal passes
     batch = next(passes, None)
     if batch is None:
-      passes = pipeline.eval_batches(data, 'validation', batch_size=settings.eval_batch,
-                                     threads=settings.workers)
+      passes = iter(evaluation)
       batch = next(passes)
     return int(batch['mask'].sum())  # the last batch of a pass is padded
 
@@ -179,11 +180,15 @@ def _raw(data, settings: common.Settings, train: bool, cache: str) -> Callable[[
   input from."""
   import jax  # pylint: disable=g-import-not-at-top
   from rf_jax import parallel  # pylint: disable=g-import-not-at-top
-  from rf_jax import steps  # pylint: disable=g-import-not-at-top
+  from rf_jax import runner as runner_lib  # pylint: disable=g-import-not-at-top
   from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  runner = steps.create_runner('jit', flips=False)  # nothing compiled: only its put_batch
+  runner = runner_lib.create_runner('jit', flips=False)  # nothing compiled: only its put_batch
   args = dict(cache=cache, threads=0, to_device=parallel.replicate)
-  loader = pipeline.train_loader(data, batch_size=settings.batch, seed=common.SEED, **args)
+  if train:
+    loader = pipeline.train_loader(data, batch_size=settings.batch, seed=common.SEED, **args)
+  else:  # a split held by the cache is read once, as a run's validation is
+    evaluation = pipeline.eval_batches(data, 'validation', batch_size=settings.eval_batch,
+                                       **args)
   passes = iter(())
 
   def next_batch() -> int:
@@ -193,8 +198,7 @@ def _raw(data, settings: common.Settings, train: bool, cache: str) -> Callable[[
     else:
       batch = next(passes, None)
       if batch is None:
-        passes = pipeline.eval_batches(data, 'validation', batch_size=settings.eval_batch,
-                                       **args)
+        passes = iter(evaluation)
         batch = next(passes)
       chips = int(batch['mask'].sum())
     jax.block_until_ready(runner.put_batch(batch))
@@ -231,6 +235,7 @@ def augmentation_step_cost(data, settings: common.Settings) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from rf_jax import runner as runner_lib  # pylint: disable=g-import-not-at-top
   from rf_jax import steps  # pylint: disable=g-import-not-at-top
   from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
@@ -243,15 +248,15 @@ def augmentation_step_cost(data, settings: common.Settings) -> dict:
            'labels': raw['labels']}
   runs = {}
   for name, preprocess, batch in (('in_step', p, raw), ('ready_input', None, ready)):
-    runner = steps.create_runner('jit', flips=False, preprocess=preprocess)
+    runner = runner_lib.create_runner('jit', flips=False, preprocess=preprocess)
     state = runner.put_state(steps.create_train_state(variables, model, optax.sgd(1e-3)))
     runs[name] = {'runner': runner, 'state': state, 'batch': runner.put_batch(batch), 's': []}
   for round_ in range(max(settings.rounds, 2) + 1):  # round 0 compiles
     for run_ in runs.values():
       start = time.perf_counter()
       for _ in range(settings.steps):
-        run_['state'], loss = run_['runner'].train_step(run_['state'], run_['batch'])
-      jax.block_until_ready(loss)
+        run_['state'], metrics = run_['runner'].train_step(run_['state'], run_['batch'])
+      jax.block_until_ready(metrics)
       if round_:
         run_['s'].append((time.perf_counter() - start) / settings.steps)
   ms = {name: min(run_['s']) * 1e3 for name, run_ in runs.items()}

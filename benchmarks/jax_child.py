@@ -39,16 +39,16 @@ def run(settings: common.Settings, variant: str) -> dict:
   """Times `variant`'s train (then eval) step; peak memory after each phase."""
   patches = jax_patches.apply(settings.jax_patch)  # before anything is built
   import jax  # pylint: disable=g-import-not-at-top
-  from rf_jax import steps  # pylint: disable=g-import-not-at-top
+  from rf_jax import runner as runner_lib  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
 
   rss_imports = common.maxrss_mb()
-  runner = steps.create_runner('jit', flips=False)
+  runner = runner_lib.create_runner('jit', flips=False)
   holder = {'state': runner.put_state(train_state(variant, settings))}
 
   def train_fn(batch):
-    holder['state'], loss = runner.train_step(holder['state'], runner.put_batch(batch))
-    jax.block_until_ready(loss)
+    holder['state'], metrics = runner.train_step(holder['state'], runner.put_batch(batch))
+    jax.block_until_ready(metrics)
 
   def eval_fn(batch):
     return runner.get_outputs(runner.eval_step(holder['state'], runner.put_batch(batch)))

@@ -41,7 +41,7 @@ def apply(names: tuple[str, ...]) -> list[str]:
 
 
 def _patch_eval_without_loss() -> None:
-  """`steps.create_runner` then compiles an eval step that returns the scores only."""
+  """`runner.create_runner` then compiles an eval step that returns the scores only."""
   from rf_jax import steps  # pylint: disable=g-import-not-at-top
   full = steps.eval_step
 

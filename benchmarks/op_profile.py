@@ -145,10 +145,10 @@ def _trace_ms(trace_dir: str, kinds: dict[str, str], steps: int) -> dict[str, fl
 def _jax(settings: common.Settings, variant: str) -> dict:
   patches = jax_patches.apply(settings.jax_patch)  # before anything is built
   import jax  # pylint: disable=g-import-not-at-top
-  from rf_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from rf_jax import runner as runner_lib  # pylint: disable=g-import-not-at-top
   from benchmarks import jax_child  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
-  runner = steps_lib.create_runner('jit', flips=False)
+  runner = runner_lib.create_runner('jit', flips=False)
   state = runner.put_state(jax_child.train_state(variant, settings))
   channels = len(registry.input_bands(variant))
   batch = runner.put_batch(common.random_batches(1, settings.batch, settings.size, channels)[0])
@@ -158,8 +158,8 @@ def _jax(settings: common.Settings, variant: str) -> dict:
     nonlocal state
     start = time.perf_counter()
     for _ in range(n):
-      state, loss = runner.train_step(state, batch)
-      jax.block_until_ready(loss)
+      state, metrics = runner.train_step(state, batch)
+      jax.block_until_ready(metrics)
     return (time.perf_counter() - start) / n
 
   steps(1 + settings.warmup)

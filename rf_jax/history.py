@@ -59,7 +59,8 @@ def write(path: pathlib.Path, model: str, epochs: list[dict], config_changes=())
 def read(path) -> dict[str, Any]:
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'{path}: no training history (train that workdir first)')
+    raise workdir_lib.MissingRunFileError(
+        f'{path}: no training history (train that workdir first)')
   data = workdir_lib.read_json(path)
   if not isinstance(data.get('epochs'), list):
     raise ValueError(f'{path}: no "epochs" list')

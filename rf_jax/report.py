@@ -91,7 +91,8 @@ def read_metrics(path) -> dict[str, Any]:
   """Parses an ``eval/metrics.json``; a clear error when a key is missing."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'{path}: no metrics file (run --mode evaluate on that workdir first)')
+    raise workdir_lib.MissingRunFileError(
+        f'{path}: no metrics file (run --mode evaluate on that workdir first)')
   with open(path) as f:
     data = json.load(f)
   missing = [k for k in METRICS_JSON_KEYS if k not in data]

@@ -133,10 +133,11 @@ def _write_parameter_table(wd: workdir_lib.Workdir, name: str, params) -> None:
   logging.info('Parameters of %s:\n%s', name, table)
 
 
-def _epoch_bar(config, epoch: int, done: int, steps_per_epoch: int, is_chief: bool) -> tqdm.tqdm:
-  return tqdm.tqdm(total=steps_per_epoch, initial=done, desc=f'epoch {epoch + 1}/'
-                   f'{config.num_epochs}', unit='step', file=sys.stderr, disable=not is_chief,
-                   mininterval=1.0, dynamic_ncols=True)
+def _progress_bar(start: int, total_steps: int, is_chief: bool) -> tqdm.tqdm:
+  """The run's steps with their rate and the time left; closed however the loop ends, so that
+  an error's line does not land on it."""
+  return tqdm.tqdm(total=total_steps, initial=start, unit='step', file=sys.stderr,
+                   disable=not is_chief, mininterval=1.0, dynamic_ncols=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
@@ -208,12 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
     history.write(wd.history, config.model.name, progress.epochs, progress.config_changes)
 
   # --- the loop over steps ---
-  bar, epoch_start = None, (start, time.perf_counter())
-  with preemption.stop_requests() as stop:
+  epoch_start = (start, time.perf_counter())
+  with preemption.stop_requests() as stop, _progress_bar(start, total_steps, is_chief) as bar:
     for step in range(start + 1, total_steps + 1):
-      epoch, done = divmod(step - 1, steps_per_epoch)
-      if bar is None:
-        bar = _epoch_bar(config, epoch, done, steps_per_epoch, is_chief)
+      epoch = (step - 1) // steps_per_epoch
+      bar.set_description(f'epoch {epoch + 1}/{config.num_epochs}', refresh=False)
       state, metrics = runner.train_step(state, runner.put_batch(next(train_iter)))
       progress = progress.add(metrics)
       bar.update()
@@ -228,30 +228,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
           history.log_train_metrics(writer, step, jax.device_get(metrics))
 
       if epoch_end:
-        bar.close()
         seconds = time.perf_counter() - epoch_start[1]
         scores, labels, val_loss = predict.predict(runner, state, validation)
-        means = progress.means()
         record = history.epoch_record(
-            epoch=epoch + 1, step=step, train=means, val_loss=val_loss, labels=labels,
-            scores=scores, lr=float(learning_rate_fn(epoch * steps_per_epoch)),
-            images_per_s=(step - epoch_start[0]) * config.batch_size / seconds,
-            seconds=seconds)
+            epoch=epoch + 1, step=step, train=progress.means(), val_loss=val_loss,
+            labels=labels, scores=scores, lr=float(learning_rate_fn(epoch * steps_per_epoch)),
+            images_per_s=(step - epoch_start[0]) * config.batch_size / seconds, seconds=seconds)
         progress = dataclasses.replace(progress, epochs=progress.epochs + (record,), sums={})
         save(step, record, scores)
         if is_chief:
           history.write(wd.history, config.model.name, progress.epochs, progress.config_changes)
           history.log_to_tensorboard(writer, record)
-          print(history.epoch_line(record, config.num_epochs), flush=True)
-        bar, epoch_start = None, (step, time.perf_counter())
+          bar.write(history.epoch_line(record, config.num_epochs), file=sys.stdout)
+        epoch_start = (step, time.perf_counter())
 
       stop_signal = preemption.agreed(stop)
       if not epoch_end and (stop_signal or (config.checkpoint_every_steps and
                                             step % config.checkpoint_every_steps == 0)):
         save(step)
       if stop_signal:
-        if bar is not None:
-          bar.close()
         raise preemption.TrainingStopped(
             f'{stop_signal} received: saved step {step} in {manager.directory}. Rerun the '
             'same command to resume exactly from there.')

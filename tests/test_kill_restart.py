@@ -24,33 +24,30 @@ import jax
 import numpy as np
 import pytest
 
-from tiny_configs import tiny, train_recording_saves
+from tiny_configs import cli_flags, tiny, train_recording_saves
 
 from rf_jax import checkpoints
 from rf_jax.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
-EPOCHS, STEPS_PER_EPOCH, EVERY = 2, 5, 2
+# Batches of 2 (20 steps an epoch on the 40 training chips) of the tiny network: enough steps
+# and checkpoints that a kill lands before the run ends, which a step of a few ms would outrun.
+BATCH, EPOCHS, STEPS_PER_EPOCH, EVERY = 2, 3, 20, 4
 FINAL_STEP = EPOCHS * STEPS_PER_EPOCH
 KILLS_AFTER_A_CHECKPOINT = 3
 
 
 def small_run(raw_dir, prepared_dir):
   config = tiny('rgb', raw_dir, prepared_dir, num_epochs=EPOCHS)
+  config.batch_size = BATCH
   config.checkpoint_every_steps = EVERY
   return config
 
 
 def command(config, workdir) -> list[str]:
   return [sys.executable, '-m', 'rf_jax.main', '--mode', 'train', '--workdir', str(workdir),
-          '--config', str(REPO / 'configs' / 'rgb.py'),
-          '--config.model.weights=',
-          f'--config.data.raw_dir={config.data.raw_dir}',
-          f'--config.data.prepared_dir={config.data.prepared_dir}',
-          '--config.data.crop_size=96', '--config.data.eval_size=96',
-          '--config.data.num_workers=0', '--config.batch_size=8', '--config.eval_batch_size=16',
-          f'--config.num_epochs={EPOCHS}', f'--config.checkpoint_every_steps={EVERY}']
+          *cli_flags(config)]
 
 
 def start(config, workdir) -> subprocess.Popen:
@@ -111,8 +108,9 @@ def reference(tmp_path_factory, synthetic_kaggle_dir):
 
 def test_checkpoint_every_n_steps(reference):
   _, workdir, steps = reference
-  # Every 2 steps within an epoch, plus each epoch's end (5, 10) with its validation mAP.
-  assert steps == [2, 4, 5, 6, 8, 10]
+  # Every EVERY steps, and each epoch's end (with its validation mAP).
+  assert steps == sorted(set(range(EVERY, FINAL_STEP + 1, EVERY))
+                         | set(range(STEPS_PER_EPOCH, FINAL_STEP + 1, STEPS_PER_EPOCH)))
   manager = checkpoints.create_manager(Workdir(workdir).checkpoints, read_only=True)
   assert manager.all_steps()[-1] == FINAL_STEP
 
@@ -122,7 +120,7 @@ def _sigterm_after_a_checkpoint(config, workdir) -> int:
   resume, exit status 0. Returns that step."""
   proc = start(config, workdir)
   try:
-    assert wait_for_checkpoint_after(proc, workdir, 0)  # step 2 saved: now mid-epoch 1
+    assert wait_for_checkpoint_after(proc, workdir, 0)  # a mid-epoch checkpoint exists
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
   finally:
@@ -133,7 +131,7 @@ def _sigterm_after_a_checkpoint(config, workdir) -> int:
   stopped = [line for line in err.splitlines() if line.startswith('SIGTERM received')]
   assert len(stopped) == 1, err[-3000:]
   step = int(stopped[0].split('saved step ')[1].split()[0])
-  assert 2 <= step < FINAL_STEP
+  assert EVERY <= step < FINAL_STEP
   assert 'Rerun the same command to resume exactly' in stopped[0]
   assert saved_steps(workdir)[-1] == step
   return step
