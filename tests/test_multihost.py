@@ -23,16 +23,27 @@ import time
 import numpy as np
 import pytest
 
+from tiny_configs import cli_flags, tiny
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
-OVERRIDES = [
-    '--config.model.weights=', '--config.data.raw_dir=',
-    '--config.data.synthetic.num_chips=60', '--config.data.synthetic.chip_size=128',
-    '--config.data.synthetic.num_test=0', '--config.data.crop_size=96',
-    '--config.data.eval_size=96', '--config.data.num_workers=0', '--config.batch_size=8',
-    '--config.eval_batch_size=16', '--config.num_epochs=1', '--config.optim.lr=0.05',
-    '--config.checkpoint_every_steps=2',
-]
+# The tiny config, generating its 60 synthetic chips into the workdir: 3 epochs of 5 steps, a
+# checkpoint every 2, so that the SIGTERM sent after the step-2 save lands mid-run.
+EPOCHS = 3
+
+
+def _config(**changes):
+  config = tiny('rgb', raw_dir='', prepared_dir='', num_epochs=EPOCHS)
+  config.data.synthetic.num_chips, config.data.synthetic.chip_size = 60, 128
+  config.data.synthetic.num_test = 0
+  config.optim.lr = 0.05
+  config.checkpoint_every_steps = 2
+  for key, value in changes.items():
+    setattr(config, key, value)
+  return config
+
+
+CONFIG = _config()
 
 
 def _free_port() -> int:
@@ -46,16 +57,16 @@ def _env(devices: int) -> dict:
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
 
-def _train_command(workdir, *extra, overrides=OVERRIDES) -> list[str]:
-  return [sys.executable, '-m', 'rf_jax.main', '--config', 'rgb', '--workdir', str(workdir),
-          '--mode', 'train', *overrides, *extra]
+def _train_command(workdir, *extra, config=CONFIG) -> list[str]:
+  return [sys.executable, '-m', 'rf_jax.main', *cli_flags(config), '--workdir', str(workdir),
+          '--mode', 'train', *extra]
 
 
-def start_two_processes(workdir, overrides=OVERRIDES) -> list[subprocess.Popen]:
+def start_two_processes(workdir, config=CONFIG) -> list[subprocess.Popen]:
   port = _free_port()
   return [subprocess.Popen(
       _train_command(workdir, '--multihost', f'--coordinator_address=127.0.0.1:{port}',
-                     '--num_processes=2', f'--process_id={i}', overrides=overrides),
+                     '--num_processes=2', f'--process_id={i}', config=config),
       cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for i in range(2)]
 
@@ -114,14 +125,14 @@ def test_two_processes_prepare_once_and_train(two_process_run):
   workdir, interrupted, rerun = two_process_run
   assert (workdir / 'synthetic' / 'train_v2.csv').is_file()
   assert sum('Downloading and preparing dataset' in out + err for _, out, err in interrupted) == 1
-  assert [r['epoch'] for r in history(workdir)] == [1]
-  assert sum('epoch 1/1' in stdout for _, stdout, _ in rerun) == 1  # process 0 reports
+  assert [r['epoch'] for r in history(workdir)] == list(range(1, EPOCHS + 1))
+  assert sum(f'epoch {EPOCHS}/{EPOCHS}' in stdout for _, stdout, _ in rerun) == 1  # process 0
 
 
 def test_sigterm_to_both_processes_saves_one_step_and_the_rerun_resumes_there(two_process_run):
   _, interrupted, rerun = two_process_run
   saved = [int(s) for s in stderr_steps(interrupted)]
-  assert len(set(saved)) == 1 and 2 <= saved[0] < 5, interrupted  # one consistent step, mid-epoch
+  assert len(set(saved)) == 1 and 2 <= saved[0] < 5 * EPOCHS, interrupted  # one step, mid-run
   assert all(f'Resumed from step {saved[0]}' in out for _, out, _ in rerun), rerun
 
 
@@ -129,7 +140,7 @@ def test_two_processes_equal_one_process_on_two_devices(two_process_run, two_dev
   got, want = history(two_process_run[0]), history(two_device_run)
   assert [r['step'] for r in got] == [r['step'] for r in want]
   # The same global batches and the same global BatchNorm: only the order of float32 sums
-  # differs (gloo's all-reduce vs XLA's in-process one), ~1e-6 relative after 5 steps from
+  # differs (gloo's all-reduce vs XLA's in-process one), ~1e-6 relative after 15 steps from
   # random init at lr 0.05; 1e-4 leaves room without hiding a different batch (~1e-1), nor
   # a resume that skipped or repeated one, or lost the epoch's running loss.
   for g, w in zip(got, want):
@@ -145,7 +156,8 @@ def test_one_process_evaluates_the_two_process_checkpoint(two_process_run):
   assert done.returncode == 0, done.stderr[-4000:]
   assert 'REPRODUCED' in done.stdout and 'NOT REPRODUCED' not in done.stdout, done.stdout
   metrics = json.loads((workdir / 'eval' / 'metrics.json').read_text())
-  assert metrics['step'] == 5 and metrics['num_chips'] == 20
+  best = max(history(workdir), key=lambda r: r['val_map'])
+  assert metrics['step'] == best['step'] and metrics['num_chips'] == 20
 
 
 def stderr_steps(results) -> list[str]:
@@ -157,12 +169,9 @@ def stderr_steps(results) -> list[str]:
   return steps
 
 
-# Epochs of 20 steps (one chip per process per step) and a network of width 8: the kill lands
-# in the collectives of training, not in a checkpoint's barrier.
-_CHANGED = {'--config.batch_size': '2', '--config.eval_batch_size': '2',
-            '--config.num_epochs': '100', '--config.checkpoint_every_steps': '0'}
-DEAD_PEER_OVERRIDES = [o for o in OVERRIDES if o.split('=')[0] not in _CHANGED] + [
-    f'{key}={value}' for key, value in _CHANGED.items()] + ['--config.model.width=8']
+# Epochs of 20 steps (one chip per process per step): the kill lands in the collectives of
+# training, not in a checkpoint's barrier.
+DEAD_PEER = _config(batch_size=2, eval_batch_size=2, num_epochs=100, checkpoint_every_steps=0)
 # The survivor must stop well before jax.distributed's heartbeat timeout (100 s), after which
 # the coordination service would have stopped it anyway (with an abort, not one line).
 SURVIVOR_EXIT_S = 30
@@ -178,7 +187,7 @@ def test_a_killed_process_makes_the_other_exit_with_one_error_line(tmp_path):
   one error line at once, instead of a traceback and then waiting in jax.distributed's
   shutdown barrier for the heartbeat timeout."""
   workdir = tmp_path / 'dead_peer'
-  processes = start_two_processes(workdir, DEAD_PEER_OVERRIDES)
+  processes = start_two_processes(workdir, DEAD_PEER)
   survivor, victim = processes
   try:
     deadline = time.monotonic() + 1500
