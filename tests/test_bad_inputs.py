@@ -34,22 +34,11 @@ from rf_jax import train
 from rf_jax.data import planet
 from rf_jax import weights
 from rf_jax.workdir import Workdir
-from tiny_configs import tiny, train_recording_saves
+from tiny_configs import cli_flags, tiny, train_recording_saves
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LABELS = 'train_v2.csv'
 TRAIN_DIR = 'train-tif-v2'
-
-
-def cli_flags(config) -> list[str]:
-  """The command-line overrides that turn configs/rgb.py into `config` (as `tiny` does)."""
-  return ['--config', str(REPO / 'configs' / 'rgb.py'),
-          f'--config.model.weights={config.model.weights}',
-          f'--config.data.raw_dir={config.data.raw_dir}',
-          f'--config.data.prepared_dir={config.data.prepared_dir}',
-          '--config.data.crop_size=96', '--config.data.eval_size=96',
-          '--config.data.num_workers=0', '--config.batch_size=8',
-          '--config.eval_batch_size=16', f'--config.num_epochs={config.num_epochs}']
 
 
 # Every invocation may append to the run's log and takes its lock: neither is a result.
