@@ -38,15 +38,18 @@ def _fail(message: str, status: int = 1):
 
 # How another process's death reaches the survivors of a multi-process run: their next
 # collective fails (gloo on CPU, NCCL on GPUs) or the coordination service reports the task.
-# JaxRuntimeError has no subclass or code for it: only its text tells.
+# It has no exception class or code of its own: only the text tells.
 PEER_FAILURE_MARKERS = ('Connection reset by peer', 'Connection closed by peer', 'heartbeat',
                         'Barrier failed', 'unhealthy', 'NCCL')
+# A failed collective reaches Python as a JaxRuntimeError, or as a ValueError with the same
+# status text where its result is read from a buffer it left in error (process_allgather's).
+COLLECTIVE_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
 
 
 def is_peer_failure(error: Exception) -> bool:
   """Whether `error` is how a collective or the coordination service reports that another
   process of a multi-process run has died."""
-  return (isinstance(error, jax.errors.JaxRuntimeError)
+  return (isinstance(error, COLLECTIVE_ERRORS)
           and any(marker in str(error) for marker in PEER_FAILURE_MARKERS))
 
 
@@ -179,7 +182,7 @@ def reported(workdir: str):
           'intact: rerun the same command to resume from it.', status=130)
   except errors.UserError as e:
     _fail(str(e))
-  except jax.errors.JaxRuntimeError as e:
+  except COLLECTIVE_ERRORS as e:
     if jax.process_count() == 1 or not is_peer_failure(e):
       raise
     _peer_failed(e, workdir)

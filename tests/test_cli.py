@@ -126,7 +126,7 @@ def test_missing_config_key_reads_ml_collections_error(override, key, suggestion
   assert cli.missing_config_key(_override_error(override)) == (key, suggestion)
 
 
-# --- is_peer_failure: a JaxRuntimeError's text ---------------------------------------------
+# --- is_peer_failure: a failed collective's text ----------------------------------------
 
 # What process 0 of 2 raised when process 1 was SIGKILLed mid-epoch (2 processes on 127.0.0.1,
 # gloo); the real thing is tests/test_multihost.py's dead-peer test.
@@ -136,17 +136,22 @@ PEER_DIED = ('UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/
 
 def test_is_peer_failure():
   assert cli.is_peer_failure(jax.errors.JaxRuntimeError(PEER_DIED))
+  # The same failure read from process_allgather's result (preemption.agreed at a step's end).
+  assert cli.is_peer_failure(ValueError(PEER_DIED))
+  assert not cli.is_peer_failure(ValueError('batch_size 41 exceeds the 40 training chips'))
   assert not cli.is_peer_failure(
       jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 4 GB'))
   assert not cli.is_peer_failure(ConnectionResetError('Connection reset by peer'))  # not JAX's
 
 
+@pytest.mark.parametrize('error_class', [jax.errors.JaxRuntimeError, ValueError])
 @pytest.mark.parametrize('message, processes', [
     ('RESOURCE_EXHAUSTED: Out of memory allocating 4 GB', 2),  # not a peer's failure
     (PEER_DIED, 1),  # a single process has no peer
 ])
-def test_other_runtime_errors_keep_their_traceback(monkeypatch, message, processes):
+def test_other_runtime_errors_keep_their_traceback(monkeypatch, message, processes,
+                                                   error_class):
   monkeypatch.setattr(jax, 'process_count', lambda: processes)
-  with pytest.raises(jax.errors.JaxRuntimeError, match=message[:20]):
+  with pytest.raises(error_class, match=message[:20]):
     with cli.reported('runs/W'):
-      raise jax.errors.JaxRuntimeError(message)
+      raise error_class(message)

@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', PYTHONFAULTHANDLER='1',
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
 
@@ -196,7 +196,12 @@ def test_a_killed_process_makes_the_other_exit_with_one_error_line(tmp_path):
           [p.communicate() for p in processes if p.poll() is not None])
       time.sleep(0.2)
     victim.kill()
-    _, stderr = survivor.communicate(timeout=SURVIVOR_EXIT_S)
+    try:
+      _, stderr = survivor.communicate(timeout=SURVIVOR_EXIT_S)
+    except subprocess.TimeoutExpired:
+      survivor.send_signal(signal.SIGABRT)  # faulthandler prints where each thread waits
+      raise AssertionError(f'process 0 still runs {SURVIVOR_EXIT_S} s after process 1 died:\n'
+                           + survivor.communicate()[1][-6000:]) from None
   finally:
     for p in processes:
       p.kill()
