@@ -41,6 +41,7 @@ _SLOWEST_FIRST = ('test_multihost', 'test_kill_restart', 'test_evaluate', 'test_
                   'test_port', 'test_device_cache')
 
 
+@pytest.hookimpl(tryfirst=True)  # the groups must be marked before pytest-xdist reads them
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
@@ -48,6 +49,18 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: rank.get(file_of(item), len(rank)))  # stable: order kept
   for item in items:
     item.add_marker(pytest.mark.xdist_group(_GROUPS.get(file_of(item), file_of(item))))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+  """On a pytest-xdist worker with --dist loadgroup: every item's node id carries its group, or
+  the groups (and the module fixtures they keep on one worker) were silently lost."""
+  if getattr(session.config.option, 'loadgroup', False):
+    lost = [item.nodeid for item in session.items if '@' not in item.nodeid]
+    if lost:
+      raise pytest.UsageError(f'pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more): '
+                              'this pytest and pytest-xdist do not work together; install '
+                              "the versions pyproject.toml's test extra asks for.")
 
 
 REAL_PLANET_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'planet'
