@@ -33,12 +33,16 @@ def pytest_sessionfinish(session, exitstatus):
 # file's module fixtures are built once, on one worker. The files that start several rf_jax
 # processes of their own (2-process jobs, kill/restart timing) share a group, so they never
 # run at the same time and starve each other of the two cores. The slowest groups are queued
-# first (measured per file on 2 cores), so the other worker is not left alone with one at the
-# end; the rest keep their order.
+# first (measured per file on 2 cores, `--durations=0`), so the other worker is not left alone
+# with one at the end; the rest keep their order. pytest-xdist would otherwise queue the groups
+# by their number of tests: pyproject.toml's addopts turn that off (--no-loadscope-reorder).
 _GROUPS = {'test_multihost': 'processes', 'test_kill_restart': 'processes'}
-_SLOWEST_FIRST = ('test_multihost', 'test_kill_restart', 'test_evaluate', 'test_resnet',
-                  'test_bad_inputs', 'test_fusion', 'test_train', 'test_train_fidelity',
-                  'test_port', 'test_device_cache')
+# Queued alternately to the two workers: the groups that start processes of their own
+# ('processes', test_bad_inputs) each beside in-process ones (test_train, test_train_fidelity).
+_SLOWEST_FIRST = ('test_multihost', 'test_kill_restart', 'test_train', 'test_bad_inputs',
+                  'test_train_fidelity', 'test_fusion', 'test_evaluate', 'test_benchmark',
+                  'test_resnet', 'test_device_cache', 'test_data_prepare', 'test_augment',
+                  'test_op_profile')
 
 
 @pytest.hookimpl(tryfirst=True)  # the groups must be marked before pytest-xdist reads them
