@@ -1,5 +1,5 @@
-"""What a workdir records about how it was made: the resolved config, the software, the command,
-the dataset (fingerprint and normalisation statistics).
+"""What a workdir records about how it was made: the resolved config, the software, the machine,
+the command, the dataset (fingerprint and normalisation statistics).
 
 `config.json` holds the config the run was started with (and resumed with, after an allowed
 change); `provenance.json` holds the dataset and one entry per invocation. A workdir is thereby
@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime
 import functools
 from importlib import metadata
+import os
 import pathlib
 import platform
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -38,6 +40,31 @@ def versions() -> dict[str, str]:
   if commit:
     found['rf_jax_commit'] = commit
   return found
+
+
+# The vector instruction sets by which XLA:CPU's libraries pick their kernels: where they differ,
+# training's last bits differ (README, "On another machine").
+CPU_ISA_FLAGS = ('sse4_2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni',
+                 'avx512_bf16', 'avx512_fp16', 'amx_tile', 'asimd', 'sve')
+
+
+def machine() -> dict:
+  """The processor (model, cores, vector instruction sets) and the devices the run used."""
+  processor, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          processor = value.strip()
+        elif key.strip() in ('flags', 'Features'):  # x86, Arm
+          flags = set(value.split())
+  except OSError:  # not Linux: the platform module's name only
+    pass
+  devices = jax.local_devices()
+  return {'processor': processor, 'cores': os.cpu_count(),
+          'cpu_flags': [f for f in CPU_ISA_FLAGS if f in flags],
+          'devices': f'{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})'}
 
 
 def git_commit() -> str | None:
@@ -77,6 +104,7 @@ def record_invocation(wd: workdir_lib.Workdir, mode: str, config: ml_collections
       'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'command': sys.argv,
       'versions': versions(),
+      'machine': machine(),
   })
   if mode in ('train', 'all') or not wd.config.is_file():
     workdir_lib.write_text(wd.config, config.to_json_best_effort(indent=1) + '\n')

@@ -93,6 +93,21 @@ def test_run_leaves_checkpoints_history_and_events(runs, name):
   assert all(math.isfinite(v) for values in scalars.values() for v in values)
 
 
+def test_provenance_records_the_machine(runs):
+  """The processor and its vector instruction sets (they choose XLA:CPU's kernels), from
+  /proc/cpuinfo, and the devices."""
+  _, workdir, _ = runs['rgb']
+  recorded = json.loads(Workdir(workdir).provenance.read_text())['invocations'][-1]['machine']
+  cpuinfo = pathlib.Path('/proc/cpuinfo').read_text().splitlines()
+  if not any(line.startswith('model name') for line in cpuinfo):
+    pytest.skip('no x86 /proc/cpuinfo to compare with')
+  model = next(l.split(':', 1)[1].strip() for l in cpuinfo if l.startswith('model name'))
+  flags = next(l.split(':', 1)[1].split() for l in cpuinfo if l.startswith('flags'))
+  assert recorded['processor'] == model
+  assert recorded['cpu_flags'] and set(recorded['cpu_flags']) <= set(flags)
+  assert recorded['devices'] == f'{jax.local_device_count()} x cpu (cpu)'
+
+
 def test_history_and_events_hold_the_step_metrics(runs):
   """Every step's loss, gradient norm and parameter norm reach TensorBoard (log_every_steps=1),
   and each epoch's record holds their means over its steps."""
