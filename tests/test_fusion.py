@@ -14,8 +14,9 @@ from rf_jax import weights  # pylint: disable=g-import-not-at-top
 from rf_jax.models import fusion  # pylint: disable=g-import-not-at-top
 from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
 from rf_jax.models import resnet  # pylint: disable=g-import-not-at-top
+from torch_reference import make_torch_resnet18  # pylint: disable=g-import-not-at-top
 
-SIZE = 96  # as tests/tiny_configs.py: the init programs are compiled once for both
+SIZE = 96  # a 3x3 last stage (XLA:CPU is slow on the 2x2 one of 33-64 px inputs)
 # How the study's code drew each model's new stem (DESIGN.md, section 1), and where that stem is.
 STUDY_INIT = {'rgbir': 'he_fan_in', 'dual': 'torch_conv_default'}
 DRAWN = ('he_fan_in', 'he_fan_out', 'torch_conv_default')
@@ -23,16 +24,7 @@ DRAWN = ('he_fan_in', 'he_fan_out', 'torch_conv_default')
 
 @pytest.fixture(scope='module')
 def pretrained():
-  torch.manual_seed(1)
-  tmodel = torchvision.models.resnet18()
-  with torch.no_grad():
-    for m in tmodel.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0.0, 0.1)
-    tmodel.train()
-    tmodel(torch.randn(4, 3, 96, 96) * 2.0 + 0.5)
-  return weights.torchvision_to_flax(tmodel.state_dict())
+  return weights.torchvision_to_flax(make_torch_resnet18(seed=1).state_dict())
 
 
 _FRESH = {}
