@@ -51,7 +51,7 @@ def test_test_chips_leave_the_training_data_alone(synthetic_kaggle_dir, tmp_path
       'old,new\ntest_0.tif,test_1.tif\ntest_1.tif,test_0.tif\n')
   _no_rebuild(monkeypatch)
   after = prepared.prepare(raw, tmp_path / 'prep', **SPLIT)
-  # Same fingerprint and the same source description grain checks when it resumes.
+  # Same fingerprint and the same source description the train loader checks when it resumes.
   assert after.data_dir == before.data_dir
   assert repr(after.train) == repr(before.train)
   assert repr(after.validation) == repr(before.validation)

@@ -1,6 +1,6 @@
 """The Planet "Understanding the Amazon from Space" domain: tags, labels, chips, split.
 
-Pure and small: no TFDS, no grain. Everything here raises `PlanetDataError`
+Pure and small: no TFDS. Everything here raises `PlanetDataError`
 (a `ValueError`) for bad input, with a message that names the file (and the
 line for CSV files), so that a user with a broken download knows what to fix.
 """
