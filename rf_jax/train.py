@@ -176,7 +176,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
     _write_parameter_table(wd, config.model.name, state.params)
   runner = runner or runner_lib.for_config(config, inputs.preprocess(config, data))
   train_iter = inputs.train_loader(config, data)
-  validation = inputs.eval_batches(config, data, 'validation')
   manager = checkpoints.create_manager(wd.checkpoints, select_by=config.eval.select_by)
   progress = Progress()
   restored = checkpoints.restore_latest(manager,
@@ -196,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
           'nothing to do. Raise --config.num_epochs (with --allow_config_change=num_epochs) to '
           'train on.')
     return runner.get_state(state)
+  validation = inputs.eval_batches(config, data, 'validation')  # held (cache) for the run
 
   def save(step: int, record=None, scores=None) -> None:
     _check_finite(progress.means()['loss'] if progress.sums else 0.0, step, steps_per_epoch,
