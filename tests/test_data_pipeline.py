@@ -9,6 +9,7 @@ import pytest
 
 import numpy_transforms
 from rf_jax import augment
+from rf_jax import errors
 from rf_jax import parallel
 from rf_jax import runner as runner_lib
 from rf_jax.data import pipeline
@@ -190,16 +191,23 @@ def test_reader_threads_read_the_same_batches(prepared_synthetic):
 
 
 def test_state_from_other_dataset_or_order_is_refused(prepared_synthetic, tiny):
+  """Each a user's error (one line from the CLI), naming what differs and what to do."""
   loader = _loader(tiny, batch_size=2)
   next(loader)
   state = loader.get_state()
   assert 'planet_amazon/course16_' in state.decode()
-  with pytest.raises(ValueError, match='in checkpoint does not match'):
+  with pytest.raises(ValueError, match='in checkpoint does not match') as raised:
     _loader(prepared_synthetic, batch_size=2).set_state(state)
-  with pytest.raises(ValueError, match='in checkpoint does not match'):
+  message = str(raised.value)
+  for data in (tiny, prepared_synthetic):  # both datasets named
+    assert f'planet_amazon/{Path(data.data_dir).parent.name}/train' in message
+  assert 'config.data.raw_dir' in message and '--workdir' in message
+  with pytest.raises(ValueError, match='in checkpoint does not match') as raised:
     _loader(tiny, batch_size=2, seed=1).set_state(state)
-  with pytest.raises(ValueError, match='older version'):
+  assert 'config.seed was 0, is 1' in str(raised.value) and '--workdir' in str(raised.value)
+  with pytest.raises(ValueError, match='older version') as raised:
     _loader(tiny, batch_size=2).set_state(b'{"last_seen_indices": {"0": 3}}')
+  assert isinstance(raised.value, errors.UserError)
 
 
 @pytest.mark.parametrize('fixture', ['prepared_synthetic', 'tiny'])
@@ -257,8 +265,10 @@ def test_bad_arguments(prepared_synthetic):
     _loader(prepared_synthetic, cache='disk')
   with pytest.raises(ValueError, match='shard_count'):
     _loader(prepared_synthetic, batch_size=6, shard_count=4)
-  with pytest.raises(ValueError, match='batch_size'):
+  with pytest.raises(errors.UserError, match=r'config\.batch_size=41 exceeds the 40 training '
+                     r'chips .*: lower --config\.batch_size') as raised:
     _loader(prepared_synthetic, batch_size=41)
+  assert isinstance(raised.value, ValueError)
   with pytest.raises(ValueError, match='split'):
     pipeline.eval_batches(prepared_synthetic, 'nope', batch_size=2)
 

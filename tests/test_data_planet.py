@@ -166,6 +166,16 @@ def test_labels_errors_name_file_and_line(tmp_path, content, line, words):
   assert isinstance(info.value, ValueError)
 
 
+def test_labels_names_as_file_names_are_the_chip_names(tmp_path):
+  path = _write(tmp_path, b'image_name,tags\ntrain_0.tif,clear primary\n'
+                b'train_1.TIFF,haze\ntrain_2.Tif,water clear\ntrain_3,cloudy\n')
+  names, labels = planet.read_labels(path)
+  assert names == ['train_0', 'train_1', 'train_2', 'train_3']
+  assert labels[0].nonzero()[0].tolist() == [0, 12]
+  with pytest.raises(planet.PlanetDataError, match=r":3: duplicate image name 'train_0'"):
+    planet.read_labels(_write(tmp_path, GOOD.replace(b'train_1', b'train_0.tif'), 'dup.csv'))
+
+
 def test_labels_duplicate_names_first_line(tmp_path):
   path = _write(tmp_path, GOOD + b'train_1,clear\n')
   with pytest.raises(planet.PlanetDataError, match='first seen on line 3'):

@@ -1,5 +1,6 @@
 """prepared.prepare protecting real data: the test chips apart from training, every bad chip
-named in one error, one build per prepared directory, the multi-process path."""
+named in one error, one build per prepared directory, the multi-process path, a dataset known
+by its content wherever it lies."""
 
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from rf_jax import inputs
+from rf_jax.data import pipeline
 from rf_jax.data import planet
 from rf_jax.data import prepared
 from rf_jax.data import synthetic
@@ -40,6 +42,34 @@ def _no_rebuild(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError('rebuilt the prepared training data')
   monkeypatch.setattr(tfds_planet.PlanetAmazon, '_split_items', refuse)
+
+
+def _no_build_at_all(monkeypatch):
+  """Neither prepared dataset (training, test chips) may be built again."""
+  _no_rebuild(monkeypatch)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('rebuilt the prepared test chips')
+  monkeypatch.setattr(tfds_planet.PlanetAmazonTest, '_split_items', refuse)
+
+
+def _state_after(loader, steps: int) -> tuple[bytes, list]:
+  """The loader's state after `steps` batches, and the 2 batches that follow."""
+  for _ in range(steps):
+    next(loader)
+  state = loader.get_state()
+  return state, [next(loader) for _ in range(2)]
+
+
+def _assert_same_batches(got, want):
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+
+
+def _prepared_configs(prepared_dir: Path) -> list[Path]:
+  return sorted(prepared_dir.glob('planet_amazon*/*/1.0.0'))
 
 
 def test_test_chips_leave_the_training_data_alone(synthetic_kaggle_dir, tmp_path, monkeypatch):
@@ -251,3 +281,106 @@ def test_two_jax_processes_prepare_the_synthetic_demo_once(tmp_path):
   assert len(data_lines) == 1, outputs
   assert outputs[0][1].count('Preparing planet_amazon') >= 1
   assert 'Preparing' not in outputs[1][1] and 'Generating' not in outputs[1][1]
+
+
+def test_a_moved_raw_dir_reuses_its_prepared_data_and_resumes(tmp_path, monkeypatch):
+  """The identity is the content: after the raw folder moves (same files), nothing is prepared
+  again (training or test chips) and the train loader's checkpointed state resumes exactly."""
+  before = synthetic.write_dataset(tmp_path / 'a', 12, 16, seed=8, num_test=2)
+  data = prepared.prepare(before, tmp_path / 'prep', **SPLIT)
+  test_names = data.names['test']  # prepares the test chips too
+  built = _prepared_configs(tmp_path / 'prep')
+  assert len(built) == 2
+  state, expected = _state_after(pipeline.train_loader(data, batch_size=2, seed=5), 3)
+  after = before.rename(tmp_path / 'b')
+  _no_build_at_all(monkeypatch)
+  moved = prepared.prepare(after, tmp_path / 'prep', **SPLIT)
+  assert moved.data_dir == data.data_dir and moved.names['test'] == test_names
+  assert _prepared_configs(tmp_path / 'prep') == built
+  assert moved.test_chips.split.data_dir == data.test_chips.split.data_dir
+  loader = pipeline.train_loader(moved, batch_size=2, seed=5)
+  loader.set_state(state)
+  _assert_same_batches([next(loader) for _ in range(2)], expected)
+
+
+def test_a_copied_workdir_reuses_its_data_and_resumes(tmp_path, monkeypatch):
+  """`cp -r` of a synthetic run's workdir (chips in <workdir>/synthetic, prepared into
+  <workdir>/prepared): the copy opens its own prepared copy, builds nothing, and resumes."""
+  config = tiny('rgb', '', '')
+  config.batch_size = 2
+  config.data.synthetic.num_chips, config.data.synthetic.chip_size = 12, 16
+  config.data.synthetic.num_test = 2
+  data = inputs.prepare(config, Workdir(tmp_path / 'run'))
+  test_names = data.names['test']  # prepares the test chips too
+  state, expected = _state_after(inputs.train_loader(config, data), 4)
+  shutil.copytree(tmp_path / 'run', tmp_path / 'copy')
+  _no_build_at_all(monkeypatch)
+  monkeypatch.setattr(synthetic, 'write_dataset', lambda *a, **k: pytest.fail('generated again'))
+  copied = inputs.prepare(config, Workdir(tmp_path / 'copy'))
+  assert copied.data_dir == data.data_dir.replace(str(tmp_path / 'run'), str(tmp_path / 'copy'))
+  assert copied.names['test'] == test_names
+  loader = inputs.train_loader(config, copied)
+  loader.set_state(state)
+  _assert_same_batches([next(loader) for _ in range(2)], expected)
+
+
+def test_the_identity_changes_with_a_chip_size_or_the_labels(tmp_path):
+  """(training config name, test config name): the content, not the folder."""
+  raw = synthetic.write_dataset(tmp_path / 'raw', 6, 16, seed=9, num_test=2)
+
+  def identity(folder=raw):
+    return (tfds_planet.make_config(folder, **SPLIT).name,
+            tfds_planet.make_test_config(folder, layout='kaggle', chip_size=16).name)
+
+  base = identity()
+  assert identity(shutil.copytree(raw, tmp_path / 'elsewhere')) == base
+  chip = raw / 'train-tif-v2' / 'train_4.tif'
+  good = chip.read_bytes()
+  chip.write_bytes(good + b'\0')  # one byte more: seen without reading the chip
+  bigger = identity()
+  assert bigger[0] != base[0] and bigger[1] == base[1]
+  chip.write_bytes(good)
+  assert identity() == base
+  labels = raw / 'train_v2.csv'
+  labels.write_text(labels.read_text().replace('primary', 'primary road', 1))
+  relabelled = identity()
+  assert relabelled[0] not in (base[0], bigger[0]) and relabelled[1] == base[1]
+  test_chip = raw / 'test-tif-v2' / 'test_1.tif'
+  test_chip.write_bytes(test_chip.read_bytes()[:-1])
+  assert identity()[0] == relabelled[0] and identity()[1] != base[1]
+
+
+def test_label_names_with_a_tif_suffix_find_their_chips(tmp_path):
+  """`train_0.tif,clear primary`: the chip train_0 is meant (it was looked up as
+  train_0.tif.tif)."""
+  raw = synthetic.write_dataset(tmp_path / 'raw', 6, 16, seed=10)
+  labels = raw / 'train_v2.csv'
+  lines = labels.read_text().splitlines()
+  suffixed = [lines[0]] + [line.replace(',', ('.tif,', '.TIFF,')[i % 2], 1)
+                           for i, line in enumerate(lines[1:])]
+  labels.write_text('\n'.join(suffixed) + '\n')
+  data = prepared.prepare(raw, tmp_path / 'prep', **SPLIT)
+  assert sorted(data.names['train'] + data.names['validation']) == [f'train_{i}' for i in range(6)]
+  for i in range(len(data.train)):
+    record = data.train[i]
+    np.testing.assert_array_equal(
+        record['image'], planet.read_chip(raw / 'train-tif-v2' / f'{record["name"]}.tif'))
+
+
+def test_preparing_says_what_it_prepares_and_nothing_of_downloads(tmp_path, capfd):
+  raw = synthetic.write_dataset(tmp_path / 'raw', 6, 16, seed=11, num_test=2)
+  capfd.readouterr()
+  data = prepared.prepare(raw, tmp_path / 'prep', **SPLIT)
+  data.test  # pylint: disable=pointless-statement
+  out, err = capfd.readouterr()
+  # TFDS's lines around a build: nothing is downloaded.
+  assert 'Downloading and preparing' not in out + err, out + err
+  assert 'downloaded and prepared' not in out + err, out + err
+  assert out.splitlines() == [
+      f'Preparing 6 chips from {raw} into {data.data_dir} (once; later runs reuse it)',
+      f'Preparing 2 chips from {raw} into {data.test_chips.split.data_dir} '
+      '(once; later runs reuse it)']
+  again = prepared.prepare(raw, tmp_path / 'prep', **SPLIT)
+  again.test  # pylint: disable=pointless-statement
+  assert capfd.readouterr().out == ''
+

@@ -3,6 +3,7 @@
 import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from rf_jax import errors
 from rf_jax.data import planet
 from rf_jax.data import synthetic
 
@@ -169,8 +171,11 @@ def test_refuses_nonempty_and_leaves_nothing_when_interrupted(tmp_path,
                                                               monkeypatch):
   (tmp_path / 'full').mkdir()
   (tmp_path / 'full' / 'x').write_text('mine')
-  with pytest.raises(FileExistsError, match='full'):
+  with pytest.raises(FileExistsError, match='full') as raised:
     synthetic.write_dataset(tmp_path / 'full', 3, 16)
+  assert isinstance(raised.value, errors.UserError)  # the CLI's one line, not a traceback
+  assert str(raised.value).startswith(f'{tmp_path / "full"}: not empty')
+  assert 'config.data.raw_dir' in str(raised.value)
   calls = []
 
   def fail_late(*args, **kwargs):
@@ -181,6 +186,14 @@ def test_refuses_nonempty_and_leaves_nothing_when_interrupted(tmp_path,
   with pytest.raises(KeyboardInterrupt):
     synthetic.write_dataset(tmp_path / 'new', 5, 16)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['full']
+
+
+def test_a_damaged_spec_file_is_named(tmp_path):
+  (tmp_path / 'raw').mkdir()
+  (tmp_path / 'raw' / synthetic.SPEC_FILE).write_text('{"num_chips": 3,')
+  with pytest.raises(planet.PlanetDataError,
+                     match=re.escape(f'{tmp_path / "raw" / synthetic.SPEC_FILE}: not JSON')):
+    synthetic.ensure(tmp_path / 'raw', synthetic.Spec(3, 16, 0, 0), 'kaggle')
 
 
 def test_nir_helps_a_linear_probe():

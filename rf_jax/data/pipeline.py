@@ -28,11 +28,20 @@ import os
 
 import numpy as np
 
+from rf_jax import errors
 from rf_jax.data import planet
 from rf_jax.data import prepared
 
 # config.data.cache: where the chips of a split are held between batches.
 CACHES = ('none', 'host', 'device')
+# The training order's fields (TrainBatches state), as the user sets them.
+_ORDER_KEYS = {'seed': 'config.seed', 'batch_size': 'config.batch_size',
+               'num_records': 'the number of training chips'}
+
+
+class LoaderError(errors.UserError, ValueError):
+  """A loader that cannot run or resume as asked: the message names the config key or the
+  dataset, and what to do."""
 
 
 # --- where the chips come from -------------------------------------------------------------
@@ -238,7 +247,8 @@ class TrainBatches:
   def __init__(self, source, store, *, batch_size: int, seed: int, shard_index: int,
                shard_count: int):
     if len(source) < batch_size:
-      raise ValueError(f'batch_size {batch_size} exceeds the {len(source)} training chips')
+      raise LoaderError(f'config.batch_size={batch_size} exceeds the {len(source)} training '
+                        f'chips of {source!r}: lower --config.batch_size')
     self._store, self._step = store, 0
     self._local = _shard_size(batch_size, shard_index, shard_count)
     self._first = shard_index * self._local
@@ -264,12 +274,20 @@ class TrainBatches:
   def set_state(self, state: bytes) -> None:
     saved = json.loads(state)
     if 'step' not in saved:
-      raise ValueError('The data iterator state in checkpoint does not match this loader (it '
-                       'was written by an older version): start the run in a new workdir.')
-    for key, mine in (('source', self._source), ('order', self._order)):
-      if saved[key] != mine:
-        raise ValueError(f'The data {key} in checkpoint does not match: saved {saved[key]}, '
-                         f'this run has {mine}.')
+      raise LoaderError('The data iterator state in checkpoint does not match this loader (it '
+                        'was written by an older version of rf_jax): train in a new --workdir.')
+    if saved['source'] != self._source:
+      raise LoaderError(
+          f'The data source in checkpoint does not match: the run trained on {saved["source"]}, '
+          f"this one reads {self._source}. Point config.data.raw_dir at the run's own data "
+          '(the same chips and labels), or train on this data in another --workdir. (A run '
+          'started before datasets were named by their content, dataset format 3, resumes '
+          'only with the rf_jax that started it.)')
+    changed = [f'{_ORDER_KEYS[k]} was {saved["order"].get(k)}, is {mine}'
+               for k, mine in self._order.items() if saved['order'].get(k) != mine]
+    if changed:
+      raise LoaderError(f'The data order in checkpoint does not match: {"; ".join(changed)}. '
+                        "Resume with the run's own values, or train in another --workdir.")
     self._step = int(saved['step'])
 
 

@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +31,8 @@ NUM_TAGS = len(TAGS)
 TAG_INDEX = {t: i for i, t in enumerate(TAGS)}
 
 LABELS_HEADER = ('image_name', 'tags')
+# A label file may name the chip's file (train_0.tif): the chip's name is the bare stem.
+_TIF_SUFFIX = re.compile(r'\.tiff?$', re.IGNORECASE)
 # Kaggle stores B,G,R,NIR; we keep R,G,B,NIR in memory.
 KAGGLE_TO_RGBN = (2, 1, 0, 3)
 LAYOUT_DTYPES = {'kaggle': np.dtype(np.uint16), 'course': np.dtype(np.uint8)}
@@ -86,7 +89,8 @@ def read_labels(csv_path) -> tuple[list[str], np.ndarray]:
   """Reads a Kaggle `train_v2.csv`: (names, multi-hot labels float32[N, 17]).
 
   Accepts the real file's quirks (repeated and unsorted tags, a row without
-  a weather tag) and harmless encodings (CRLF line ends, UTF-8 BOM). Rejects
+  a weather tag), harmless encodings (CRLF line ends, UTF-8 BOM) and names
+  given as file names (`train_0.tif`, `.tiff`, any case: read as `train_0`). Rejects
   unknown or empty tags, duplicate names, a wrong header, non-UTF-8 text.
   """
   path = Path(csv_path)
@@ -109,7 +113,7 @@ def read_labels(csv_path) -> tuple[list[str], np.ndarray]:
     if len(fields) != 2:
       raise PlanetDataError(
           f'{where}: expected 2 fields "image_name,tags", got {len(fields)}')
-    name = fields[0].strip()
+    name = _TIF_SUFFIX.sub('', fields[0].strip())
     if not name:
       raise PlanetDataError(f'{where}: empty image name')
     if name in first_line:

@@ -6,11 +6,12 @@ training split's band statistics. The test chips are another dataset,
 prepared only when first used (`PlanetData.test`, `prepare_test`), so a new,
 missing or bad test chip never changes, rebuilds or blocks the training data.
 
-An already prepared dataset is reused, never rebuilt; one prepared from
-another source or split lives under another TFDS config name
-(data/tfds_planet). Each is built by one process at a time: a lock file
-beside it makes another process (another job or user, another JAX process on
-the same file system) wait for the build and then open it.
+An already prepared dataset is reused, never rebuilt, wherever its raw
+directory has moved (its TFDS config name fingerprints the chips, labels and
+split, not the folder: data/tfds_planet); other chips, labels or a split
+live under another config name. Each is built by one process at a time: a
+lock file beside it makes another process (another job or user, another JAX
+process on the same file system) wait for the build and then open it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SPLITS = ('train', 'validation', 'test')
 class PlanetSource:
   """A TFDS ArrayRecord source whose records carry `name` as str.
 
-  Its repr names the TFDS config (which fingerprints the source and the
+  Its repr names the TFDS config (which fingerprints the chips, labels and
   split) and the split: the train loader's state carries it
   (pipeline.TrainBatches), so a state saved on another dataset is refused
   on restore instead of silently continuing elsewhere.
@@ -187,12 +188,26 @@ def _prepared_once(load: Callable[[], Any], raw_dir: Path):
       if stale:
         logging.warning('Ignoring interrupted builds (delete to free disk): %s',
                         ', '.join(map(str, stale)))
+      print(f'Preparing {builder.builder_config.num_chips:,} chips from {raw_dir} '
+            f'into {builder.data_dir} (once; later runs reuse it)', flush=True)
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(
               manual_dir=str(raw_dir)),
           file_format='array_record')
+      _remove_fixed_listings(builder, raw_dir)
       builder = load()
   return builder
+
+
+def _remove_fixed_listings(builder, raw_dir: Path) -> None:
+  """A build that met bad chips lists them beside its dataset, named after the
+  content it saw; fixing them changes that content, so the listing is not this
+  build's. This build has just read every chip of raw_dir it needs and found
+  them good: listings that name only raw_dir's chips are stale."""
+  prefix = f'{Path(raw_dir).resolve()}{os.sep}'
+  for listing in builder.bad_chips_listing().parent.glob('*.bad_chips.txt'):
+    if all(line.startswith(prefix) for line in listing.read_text().splitlines()):
+      listing.unlink(missing_ok=True)
 
 
 def prepare(raw_dir, prepared_dir, *, layout: str, val_fraction: float,

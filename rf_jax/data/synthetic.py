@@ -75,6 +75,10 @@ COURSE_SCALE = 64.0  # uint16 -> uint8 for the course layout
 SPEC_FILE = 'synthetic.json'
 
 
+class NotEmptyError(planet.PlanetDataError, FileExistsError):
+  """The folder to generate into holds other files."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What to generate: `num_chips` training and `num_test` test chips of
@@ -204,7 +208,11 @@ def write_dataset(out_dir, num_chips: int, chip_size: int = 256, seed: int = 0,
     raise ValueError('need num_chips >= 1, num_test >= 0, chip_size >= 1')
   out_dir = Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()):
-    raise FileExistsError(f'{out_dir}: exists and is not empty')
+    raise NotEmptyError(
+        f'{out_dir}: not empty and not a synthetic dataset to reuse; synthetic chips are '
+        'generated only into an empty or missing folder: set config.data.raw_dir to one '
+        '(with raw_dir empty, they go into <workdir>/synthetic: use another --workdir) or '
+        f'empty {out_dir}')
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.incomplete.',
                               dir=out_dir.parent))
@@ -235,7 +243,13 @@ def write_dataset(out_dir, num_chips: int, chip_size: int = 256, seed: int = 0,
 def read_spec(out_dir) -> dict | None:
   """The parameters a synthetic dataset was written with (None if absent)."""
   path = Path(out_dir) / SPEC_FILE
-  return json.loads(path.read_text()) if path.is_file() else None
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise planet.PlanetDataError(
+        f'{path}: not JSON ({e}); delete {out_dir} to generate the synthetic data again') from None
 
 
 def ensure(out_dir, spec: Spec, layout: str) -> None:
@@ -249,10 +263,6 @@ def ensure(out_dir, spec: Spec, layout: str) -> None:
               label_csv=None)
   have = read_spec(out_dir)
   if have is None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-      raise planet.PlanetDataError(
-          f'{out_dir}: not empty and not a synthetic dataset; generate into '
-          'an empty or missing directory')
     write_dataset(out_dir, want['num_chips'], want['chip_size'],
                   seed=want['seed'], layout=layout, num_test=want['num_test'])
   elif have != want:

@@ -7,14 +7,17 @@ order and with no TensorFlow needed, with splits `train` and `validation`
 (`planet_amazon_test`), so they never change, block or rebuild this one.
 Images are stored as raw bytes in R,G,B,NIR order and the file's dtype.
 
-The builder config records where the data came from and how it was split
-(fraction, seed and the version of the split rule); its name carries a digest
-of those, so a prepared dataset of another source or split is never silently
-reused: it lives under another config name, and `load_builder` re-checks the
-recorded metadata. TFDS writes into an
-`incomplete.*` directory and renames it at the end, so an interrupted build
-leaves nothing that reads as prepared. The per-band mean/std of the training
-split (raw units, exact integer sums) are stored in the dataset's
+The builder config says what the data is (layout, chip size, the label
+file's digest, the chips' names and byte sizes) and how it is split
+(fraction, seed and the version of the split rule), never where it lies; its
+name carries a digest of those. So a moved or copied raw directory reuses its
+prepared dataset (and a run resumes on it), while other labels, chips or
+split are never silently reused: they live under another config name, and
+`load_builder` re-checks the recorded metadata. The dataset also records the
+folder it was prepared from (`source_dir`), for information only. TFDS writes
+into an `incomplete.*` directory and renames it at the end, so an interrupted
+build leaves nothing that reads as prepared. The per-band mean/std of the
+training split (raw units, exact integer sums) are stored in the dataset's
 `metadata.json`, written inside that same atomic rename.
 """
 
@@ -24,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -32,25 +36,41 @@ from rf_jax.data import planet
 from rf_jax.data.tfds_planet import chips
 
 # 2: the test chips moved to their own dataset (planet_amazon_test).
-FORMAT_VERSION = 2
+# 3: config names fingerprint the content (labels, chip names and sizes), not the folder.
+FORMAT_VERSION = 3
 LABELS_FILE = 'train_v2.csv'
 TRAIN_DIR = 'train-tif-v2'
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class PlanetConfig(tfds.core.BuilderConfig):
-  """Where the chips come from and how they are split (see make_config)."""
+  """Which chips and how they are split (see make_config); no path."""
   layout: str
   chip_size: int
   val_fraction: float
   split_seed: int
   split_rule: int  # planet.SPLIT_RULE_VERSION
-  source_dir: str
   labels_sha256: str
+  num_chips: int
+  listing_sha256: str  # listing_sha256 of the labelled chips, in CSV order
 
 
 def sha256(path: Path) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing_sha256(paths: Iterable[Path]) -> str:
+  """A digest of the files' names and byte sizes, in order: one stat per file, no
+  reading (40,479 chips in well under a second). A missing file counts as size -1:
+  the build names it among the bad chips."""
+  digest = hashlib.sha256()
+  for path in paths:
+    try:
+      size = path.stat().st_size
+    except FileNotFoundError:
+      size = -1
+    digest.update(f'{path.name}\t{size}\n'.encode())
+  return digest.hexdigest()
 
 
 def fingerprint(fields: dict) -> str:
@@ -60,31 +80,39 @@ def fingerprint(fields: dict) -> str:
   ).hexdigest()[:12]
 
 
-def source_layout(raw_dir, layout: str) -> tuple[str, int]:
-  """(layout, chip size) of a raw directory, from its first listed chip."""
-  raw_dir = Path(raw_dir)
-  names, _ = planet.read_labels(raw_dir / LABELS_FILE)
-  path = raw_dir / TRAIN_DIR / f'{names[0]}.tif'
-  chip = planet.read_chip(path, layout)
-  if layout == 'auto':
-    layout = 'kaggle' if chip.dtype == np.uint16 else 'course'
-  return layout, chip.shape[0]
+def chip_path(raw_dir: Path, name: str) -> Path:
+  return raw_dir / TRAIN_DIR / f'{name}.tif'
 
 
 def make_config(raw_dir, *, layout: str, val_fraction: float,
                 split_seed: int) -> PlanetConfig:
-  """The config for a raw directory and split; its name fingerprints both."""
+  """The config of a raw directory's labelled chips and split; its name
+  fingerprints their content, not the directory (see the module docstring)."""
   raw_dir = Path(raw_dir).expanduser().resolve()
   labels = raw_dir / LABELS_FILE
   if not labels.is_file():
     raise planet.PlanetFileNotFoundError(
         f'{labels}: label file not found; raw_dir must hold the Kaggle layout '
         f'({LABELS_FILE} and {TRAIN_DIR}/)')
-  layout, chip_size = source_layout(raw_dir, layout)
-  fields = dict(layout=layout, chip_size=chip_size,
+  names, _ = planet.read_labels(labels)
+  # Layout and size from the first listed chip (the build checks every chip).
+  chip = planet.read_chip(chip_path(raw_dir, names[0]), layout)
+  if layout == 'auto':
+    layout = 'kaggle' if chip.dtype == np.uint16 else 'course'
+  return _config(raw_dir, names, layout=layout, chip_size=chip.shape[0],
+                 val_fraction=val_fraction, split_seed=split_seed)
+
+
+def _config(raw_dir: Path, names: list[str], *, layout: str, chip_size: int,
+            val_fraction: float, split_seed: int) -> PlanetConfig:
+  """The config of raw_dir's chips `names` (its CSV rows, in order)."""
+  fields = dict(layout=layout, chip_size=int(chip_size),
                 val_fraction=float(val_fraction), split_seed=int(split_seed),
-                split_rule=planet.SPLIT_RULE_VERSION, source_dir=str(raw_dir),
-                labels_sha256=sha256(labels))
+                split_rule=planet.SPLIT_RULE_VERSION,
+                labels_sha256=sha256(raw_dir / LABELS_FILE),
+                num_chips=len(names),
+                listing_sha256=listing_sha256(
+                    chip_path(raw_dir, n) for n in names))
   val = f'{val_fraction:g}'.replace('.', 'p')
   name = f'{layout}{chip_size}_val{val}_seed{split_seed}_{fingerprint(fields)}'
   return PlanetConfig(name=name, version='1.0.0', **fields)
@@ -93,7 +121,7 @@ def make_config(raw_dir, *, layout: str, val_fraction: float,
 def config_record(config: PlanetConfig) -> dict:
   """The config fields stored in the dataset metadata (checked on load)."""
   keys = ('layout', 'chip_size', 'val_fraction', 'split_seed', 'split_rule',
-          'source_dir', 'labels_sha256')
+          'labels_sha256', 'num_chips', 'listing_sha256')
   return dict(format_version=FORMAT_VERSION, config_name=config.name,
               **{k: getattr(config, k) for k in keys})
 
@@ -121,7 +149,19 @@ class BandStats:
                 std=[float(np.sqrt(v)) for v in var], num_pixels=self.count)
 
 
-class PlanetAmazon(chips.ChipBuilder):
+class NoDownloadLines:
+  """For builders of local chips: TFDS prints "Downloading and preparing dataset
+  Unknown size ..." before a build and "... downloaded and prepared" after it, but
+  nothing is downloaded; prepared.prepare says what it prepares instead."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+
+class PlanetAmazon(NoDownloadLines, chips.ChipBuilder):
   """Planet: Understanding the Amazon from Space (17 multi-label tags).
 
   A ShardBasedBuilder (the generator-based builder for sources whose order
@@ -168,25 +208,25 @@ class PlanetAmazon(chips.ChipBuilder):
   def _split_items(self, raw_dir: Path) -> dict[str, list]:
     config = self.builder_config
     raw_dir = raw_dir.expanduser().resolve()
-    if str(raw_dir) != config.source_dir:
-      raise planet.PlanetDataError(
-          f'{raw_dir}: manual_dir differs from the config source '
-          f'{config.source_dir}; make the config with make_config(manual_dir)')
     labels_path = raw_dir / LABELS_FILE
-    if sha256(labels_path) != config.labels_sha256:
-      raise planet.PlanetDataError(
-          f'{labels_path}: changed since the config was made')
     names, labels = planet.read_labels(labels_path)
+    now = _config(raw_dir, names, layout=config.layout,
+                  chip_size=config.chip_size, val_fraction=config.val_fraction,
+                  split_seed=config.split_seed)
+    if now.name != config.name:
+      raise planet.PlanetDataError(
+          f'{labels_path} or {raw_dir / TRAIN_DIR}/: changed while being '
+          'prepared; run again once nothing writes there')
     train_idx, val_idx = planet.split(names, config.val_fraction,
                                       config.split_seed)
     if not len(train_idx):
       raise planet.PlanetDataError(f'{labels_path}: no training chips')
-    self.info.metadata.update(config_record(config))
+    self.info.metadata.update(config_record(config), source_dir=str(raw_dir))
     self.info.metadata['names'] = {
         'train': [names[i] for i in train_idx],
         'validation': [names[i] for i in val_idx],
     }
-    items = [(i, raw_dir / TRAIN_DIR / f'{n}.tif', row, n)
+    items = [(i, chip_path(raw_dir, n), row, n)
              for i, (n, row) in enumerate(zip(names, labels))]
     return {'train': [items[i] for i in train_idx],
             'validation': [items[i] for i in val_idx]}

@@ -5,13 +5,13 @@ never changes the training dataset's fingerprint, never rebuilds it and never
 blocks training: this one is prepared only when a submission needs it. One
 split, `test`, in natural file order (test_9 before test_10), labels all
 zero (Kaggle keeps them), names after `test_v2_file_mapping.csv`. Its config
-name fingerprints the source, the listed file names and the mapping.
+name fingerprints the listed files' names and byte sizes and the mapping, not
+the folder (as planet_amazon's).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from pathlib import Path
 
@@ -31,9 +31,8 @@ class TestConfig(tfds.core.BuilderConfig):
   """Which test chips, read as the training chips are (see make_test_config)."""
   layout: str
   chip_size: int
-  source_dir: str
   num_chips: int
-  listing_sha256: str  # of the listed file names, in order
+  listing_sha256: str  # planet_amazon.listing_sha256 of the listed files
   test_mapping_sha256: str  # '' when there is no test_v2_file_mapping.csv
 
 
@@ -54,12 +53,10 @@ def make_test_config(raw_dir, *, layout: str, chip_size: int) -> TestConfig:
   """The config of raw_dir's test chips, which must have the training chips'
   `layout` ('kaggle' or 'course') and `chip_size`."""
   raw_dir = Path(raw_dir).expanduser().resolve()
-  files = [p.name for p in list_test_chips(raw_dir)]
+  files = list_test_chips(raw_dir)
   mapping = raw_dir / TEST_MAPPING_FILE
-  fields = dict(layout=layout, chip_size=int(chip_size),
-                source_dir=str(raw_dir), num_chips=len(files),
-                listing_sha256=hashlib.sha256(
-                    '\n'.join(files).encode()).hexdigest(),
+  fields = dict(layout=layout, chip_size=int(chip_size), num_chips=len(files),
+                listing_sha256=planet_amazon.listing_sha256(files),
                 test_mapping_sha256=(planet_amazon.sha256(mapping)
                                      if mapping.is_file() else ''))
   name = f'{layout}{chip_size}_{planet_amazon.fingerprint(fields)}'
@@ -68,14 +65,14 @@ def make_test_config(raw_dir, *, layout: str, chip_size: int) -> TestConfig:
 
 def config_record(config: TestConfig) -> dict:
   """The config fields stored in the dataset metadata (checked on load)."""
-  keys = ('layout', 'chip_size', 'source_dir', 'num_chips', 'listing_sha256',
+  keys = ('layout', 'chip_size', 'num_chips', 'listing_sha256',
           'test_mapping_sha256')
   return dict(format_version=planet_amazon.FORMAT_VERSION,
               config_name=config.name,
               **{k: getattr(config, k) for k in keys})
 
 
-class PlanetAmazonTest(chips.ChipBuilder):
+class PlanetAmazonTest(planet_amazon.NoDownloadLines, chips.ChipBuilder):
   """Planet: the unlabelled test chips of the Kaggle competition."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -111,7 +108,7 @@ class PlanetAmazonTest(chips.ChipBuilder):
     mapping = (planet.read_test_mapping(raw_dir / TEST_MAPPING_FILE)
                if config.test_mapping_sha256 else {})
     names = [mapping.get(p.stem, p.stem) for p in paths]
-    self.info.metadata.update(config_record(config))
+    self.info.metadata.update(config_record(config), source_dir=str(raw_dir))
     self.info.metadata['names'] = {'test': names}
     no_labels = np.zeros(planet.NUM_TAGS, np.float32)
     return {'test': [(i, p, no_labels, n)
