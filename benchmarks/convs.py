@@ -1,8 +1,9 @@
 """Each ResNet-18 convolution shape timed alone, forward and forward+backward (--conv-profile).
 
 At the train batch and image size; the stem's input gradient is not computed, as in training.
-rf_jax's side runs with the XLA:CPU flags `import rf_jax` sets, and also times the kernel
-gradient alone (XLA's backprop-filter convolution).
+rf_jax's side runs with the XLA:CPU flags rf_jax trains with (rf_jax/xla_cpu.py, set by
+scripts/benchmark.py), and also times the kernel gradient alone (XLA's backprop-filter
+convolution).
 
   python -m benchmarks.convs job.json result.json   (spawned by orchestrate)
 """

@@ -1,6 +1,5 @@
-"""rf_jax: multi-label ResNet-18 classifiers for the Planet Amazon chips."""
+"""rf_jax: multi-label ResNet-18 classifiers for the Planet Amazon chips.
 
-from rf_jax import xla_cpu
-
-# Before any backend exists: every entry point (CLI, scripts, tests, notebooks) imports rf_jax first.
-xla_cpu.set_default_flags()
+Importing it changes nothing in the process: the CPU tunings are applied where a run asks for
+them (config.cpu_tuning: rf_jax/xla_cpu.py's flags, models/registry.py's ops).
+"""

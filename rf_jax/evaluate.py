@@ -44,7 +44,8 @@ def restore_model(config: ml_collections.ConfigDict,
   # Evaluation does not depend on the training length: only keys that change what was trained.
   config_checks.check_same_run(restored.config, config, config_checks.CHANGEABLE_KEYS, where)
   model = registry.create_model(config.model.name, num_classes=planet.NUM_TAGS,
-                                dtype=jnp.dtype(config.dtype), width=config.model.width)
+                                dtype=jnp.dtype(config.dtype), width=config.model.width,
+                                cpu_tuning=config.cpu_tuning)
   size, channels = config.data.eval_size, len(registry.input_bands(config.model.name))
   expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jnp.zeros((1, size, size, channels)))

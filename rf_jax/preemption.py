@@ -40,15 +40,23 @@ def stop_requests():
       signal.signal(sig, old)
 
 
-def agreed(requested: list) -> str | None:
+def agreed(requested: list, step: int, every: int) -> str | None:
   """The stop request as every process sees it: a signal's name if any process got one.
 
   A scheduler signals every process of a job, but not at the same step; asking all of them at
-  each step boundary makes them stop, and save one consistent checkpoint, at the same step.
+  the same steps makes them stop, and save one consistent checkpoint, at the same step. Each
+  asking is a host round trip, so several processes ask only at every `every`-th step
+  (config.log_every_steps): a stop waits for at most that many steps. One process needs no one.
   """
   if jax.process_count() == 1:
     return requested[0] if requested else None
-  anyone = multihost_utils.process_allgather(np.asarray(bool(requested))).any()
-  if not anyone:
+  if step % every:
+    return None
+  if not anyone_requested(bool(requested)):
     return None
   return requested[0] if requested else 'SIGTERM (received by another process)'
+
+
+def anyone_requested(requested: bool) -> bool:
+  """Whether any process got a stop request (a collective: every process must call it)."""
+  return bool(multihost_utils.process_allgather(np.asarray(requested)).any())

@@ -166,7 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
   layout = runner_lib.layout(config)
   model = registry.create_model(
       config.model.name, num_classes=planet.NUM_TAGS, dtype=jnp.dtype(config.dtype),
-      axis_name=parallel.AXIS_NAME if layout == 'pmap' else None, width=config.model.width)
+      axis_name=parallel.AXIS_NAME if layout == 'pmap' else None, width=config.model.width,
+      cpu_tuning=config.cpu_tuning)
   o = config.optim
   learning_rate_fn = steps.create_learning_rate_fn(o.lr, o.decay_epochs, o.decay_rate,
                                                    steps_per_epoch)
@@ -242,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
           bar.write(history.epoch_line(record, config.num_epochs), file=sys.stdout)
         epoch_start = (step, time.perf_counter())
 
-      stop_signal = preemption.agreed(stop)
+      stop_signal = preemption.agreed(stop, step, config.log_every_steps)
       if not epoch_end and (stop_signal or (config.checkpoint_every_steps and
                                             step % config.checkpoint_every_steps == 0)):
         save(step)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import orchestrate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rf_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SETTINGS = {
     'variant': flags.DEFINE_list('variant', None, 'comma list of rgb,rgbir,dual (default all)'),
@@ -101,6 +102,7 @@ def main(argv: list[str]) -> None:
     sys.exit('error: --conv-profile, --pipeline-only and --profile each replace the '
              'benchmark: give one')
   settings = _settings()
+  xla_cpu.set_default_flags()  # the flags training runs with; every child process inherits them
   if settings.size < 96:
     print('note: below 96 px XLA:CPU is pathologically slow (DESIGN.md section 4)',
           file=sys.stderr)

@@ -16,6 +16,12 @@ import tempfile
 
 import pytest
 
+from rf_jax import xla_cpu
+
+# The XLA:CPU flags training runs with (config.cpu_tuning's default), before any test creates
+# JAX's backend; the processes the tests start inherit them.
+xla_cpu.set_default_flags()
+
 # One persistent XLA compilation cache for the session, shared with the child
 # processes the tests start (they inherit the environment): every train_and_evaluate
 # builds fresh jitted steps, and on 2 cores a ResNet-18 compile costs 20-40 s.

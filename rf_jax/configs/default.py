@@ -60,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = planet.STUDY_SEED  # parameter init and shuffling (the split has its own seed)
   config.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params and loss stay float32)
   config.parallel = 'jit'  # several devices: 'jit' (mesh, sharded batch) or 'pmap'
+  # XLA:CPU's measured speed-ups (rf_jax/xla_cpu.py's flags; the model's convolution and
+  # max-pool, models/registry.tuned_ops). Applies only when JAX's backend is CPU; False runs
+  # the plain lax model there too (e.g. for jax.jvp, which the tuned convolution lacks).
+  config.cpu_tuning = True
 
   config.checkpoint_every_steps = 0  # 0 = at the end of every epoch only
   config.log_every_steps = 10  # progress bar and non-finite-loss check

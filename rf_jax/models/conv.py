@@ -1,5 +1,5 @@
-"""The ResNets' convolution (`nn.Conv(conv_general_dilated=...)`): lax's, with a kernel
-gradient that XLA:CPU computes without its slow relayout of the layer's input.
+"""The ResNets' convolution on XLA:CPU (`nn.Conv(conv_general_dilated=...)`): lax's, with a
+kernel gradient that XLA:CPU computes without its slow relayout of the layer's input.
 
 A convolution's kernel gradient contracts over the batch, so XLA:CPU's Eigen kernel wants the
 layer's input laid out [C, H, W, N]. XLA makes that layout by fusing the input's producers
@@ -8,8 +8,11 @@ a ~2.9 s rgb train step (`scripts/benchmark.py --profile`). Here the backward pa
 relayouts the stored input with a matrix product by the identity (exact; XLA fuses nothing into
 a product, though for some layers it still recomputes the producers into a copy of the
 product's operand) into [H, W, C, N], and takes JAX's own kernel gradient of the same
-convolution stated on that layout. Other platforms keep lax's
-gradient (`lax.platform_dependent`): their libraries have kernel-gradient kernels of their own.
+convolution stated on that layout.
+
+A CPU tuning: registry.tuned_ops hands it to the models only where JAX's backend is CPU (other
+platforms have kernel-gradient kernels of their own, and keep lax's convolution, which also
+supports forward-mode differentiation; this custom_vjp does not).
 """
 
 from __future__ import annotations
@@ -47,14 +50,9 @@ def _forward(x, kernel, strides, padding):
 def _backward(strides, padding, residuals, g):
   x, kernel = residuals
   input_grad = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)[1](g)[0]
-
-  def cpu(x, g):
-    return jax.vjp(lambda k: _conv(_hwcn(x), k, strides, padding, _INPUT_HWCN), kernel)[1](g)[0]
-
-  def default(x, g):
-    return jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)[0]
-
-  return input_grad, lax.platform_dependent(x, g, cpu=cpu, default=default)
+  kernel_grad = jax.vjp(lambda k: _conv(_hwcn(x), k, strides, padding, _INPUT_HWCN),
+                        kernel)[1](g)[0]
+  return input_grad, kernel_grad
 
 
 _plain_conv.defvjp(_forward, _backward)

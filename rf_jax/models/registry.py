@@ -17,9 +17,11 @@ from collections.abc import Callable
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from rf_jax.models import conv
 from rf_jax.models import fusion
 from rf_jax.models import resnet
 
@@ -40,7 +42,8 @@ class NewStem:
 class StudyModel:
   name: str
   bands: tuple[int, ...]  # indices into R, G, B, NIR, in input-channel order
-  build: Callable[..., nn.Module]  # (num_classes, dtype, axis_name, width) -> module
+  # (num_classes, dtype, axis_name, width, **tuned_ops(...)) -> module
+  build: Callable[..., nn.Module]
   # Parameter-path prefixes that each receive one pretrained ResNet-18 trunk (the head excluded).
   trunks: tuple[tuple[str, ...], ...]
   # Trunk prefix -> the rule for its stem, where the stem is not ImageNet's 3-channel one.
@@ -51,14 +54,14 @@ class StudyModel:
 IR_STEM_INITS = ('study', 'he_fan_in', 'he_fan_out', 'torch_conv_default', 'rgb_mean')
 
 
-def _resnet(num_classes, dtype, axis_name, width):
+def _resnet(num_classes, dtype, axis_name, width, **ops):
   return resnet.ResNet18(num_classes=num_classes, dtype=dtype, axis_name=axis_name,
-                         num_filters=width)
+                         num_filters=width, **ops)
 
 
-def _dual(num_classes, dtype, axis_name, width):
+def _dual(num_classes, dtype, axis_name, width, **ops):
   return fusion.DualResNet(num_classes=num_classes, dtype=dtype, axis_name=axis_name,
-                           num_filters=width)
+                           num_filters=width, **ops)
 
 
 STUDY_MODELS: dict[str, StudyModel] = {m.name: m for m in (
@@ -89,8 +92,21 @@ def input_bands(name: str) -> tuple[int, ...]:
 RESNET18_WIDTH = 64
 
 
+def tuned_ops(cpu_tuning: bool) -> dict[str, Callable]:
+  """The networks' convolution and max-pool fields: where `cpu_tuning` (config.cpu_tuning) and
+  JAX's backend is CPU, XLA:CPU's faster forms (models/conv.py's kernel gradient, the max-pool
+  over its window taps; docs/performance.md); otherwise none, and the networks keep plain
+  lax's, which every backend and forward-mode differentiation (jax.jvp) support. The one place
+  the model's CPU tuning is chosen (rf_jax/xla_cpu.py chooses the compiler's flags)."""
+  if not (cpu_tuning and jax.default_backend() == 'cpu'):
+    return {}
+  return {'conv_general_dilated': conv.conv_general_dilated,
+          'max_pool': resnet.max_pool_3x3_stride2_taps}
+
+
 def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
-                 axis_name: str | None = None, width: int = RESNET18_WIDTH) -> nn.Module:
+                 axis_name: str | None = None, width: int = RESNET18_WIDTH,
+                 cpu_tuning: bool = True) -> nn.Module:
   """The study model `name`.
 
   Apply with `model.apply(variables, images, train=False)` or, training,
@@ -98,6 +114,7 @@ def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
   [B, H, W, len(input_bands(name))] and the logits [B, num_classes] float32. `dtype` is the
   compute dtype (parameters stay float32); `axis_name` synchronises BatchNorm under pmap;
   `width` is every trunk's first-stage width (doubling per stage): narrower than ResNet-18's
-  64 only for tests of logic, where the network's size does not matter.
+  64 only for tests of logic, where the network's size does not matter; `cpu_tuning`
+  (config.cpu_tuning): see tuned_ops.
   """
-  return get(name).build(num_classes, dtype, axis_name, width)
+  return get(name).build(num_classes, dtype, axis_name, width, **tuned_ops(cpu_tuning))

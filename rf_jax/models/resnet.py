@@ -21,6 +21,10 @@ torch: convs kaiming-normal (fan_out, ReLU gain: variance 2 / (out * kh * kw)),
 BN scale 1 / bias 0, the linear head torch's default (uniform +-1/sqrt(fan_in)
 for kernel and bias).
 
+The convolution and the max-pool are fields (`conv_general_dilated`, `max_pool`): plain lax by
+default, on every backend; registry.tuned_ops gives XLA:CPU's faster forms (models/conv.py,
+`max_pool_3x3_stride2_taps`) where the backend is CPU.
+
 Intermediate features are sown into the 'intermediates' collection:
 `stem` (after the max-pool), `layer1` .. `layer4` and `pooled` (512-d):
 
@@ -35,10 +39,9 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 from flax import linen as nn
-
-from rf_jax.models import conv as convolution
 
 ModuleDef = Any
 
@@ -64,9 +67,14 @@ TORCH_PAD_1x1 = ((0, 0), (0, 0))
 
 
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
-  """torch's MaxPool2d(3, stride=2, padding=1) on NHWC, as a chain over the 9 window taps.
+  """torch's MaxPool2d(3, stride=2, padding=1) on NHWC (padding never wins: it is -inf)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=TORCH_PAD_3x3)
 
-  The values equal `nn.max_pool`'s, and each window's gradient goes to its first maximum
+
+def max_pool_3x3_stride2_taps(x: jax.Array) -> jax.Array:
+  """`max_pool_3x3_stride2` as a chain over the 9 window taps (a CPU tuning).
+
+  The values equal reduce-window's, and each window's gradient goes to its first maximum
   in (row, column) order, like torch's and reduce-window's; but XLA:CPU runs this
   backward pass ~4x faster than reduce-window's select-and-scatter (docs/performance.md).
   """
@@ -76,8 +84,8 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
   out = None
   for i in range(3):
     for j in range(3):
-      tap = jax.lax.slice(padded, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c),
-                          (1, 2, 2, 1))
+      tap = lax.slice(padded, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c),
+                      (1, 2, 2, 1))
       out = tap if out is None else jnp.where(tap > out, tap, out)  # ties keep the first
   return out
 
@@ -118,6 +126,8 @@ class ResNet(nn.Module):
     param_dtype: parameter dtype.
     axis_name: BatchNorm axis name for cross-device statistics under pmap.
     act: activation (ReLU).
+    conv_general_dilated: every convolution's (nn.Conv's) lax.conv_general_dilated.
+    max_pool: the stem's 3x3/2 max-pool.
   """
   stage_sizes: Sequence[int]
   num_classes: Optional[int] = 1000
@@ -127,12 +137,14 @@ class ResNet(nn.Module):
   axis_name: Optional[str] = None
   block_cls: ModuleDef = BasicBlock
   act: Callable = nn.relu
+  conv_general_dilated: Callable = lax.conv_general_dilated
+  max_pool: Callable = max_pool_3x3_stride2
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=conv_kernel_init,
-                             conv_general_dilated=convolution.conv_general_dilated)
+                             conv_general_dilated=self.conv_general_dilated)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, axis_name=self.axis_name)
@@ -141,7 +153,7 @@ class ResNet(nn.Module):
     x = conv(self.num_filters, (7, 7), 2, padding=TORCH_PAD_STEM, name='conv1')(x)
     x = norm(name='bn1')(x)
     x = self.act(x)
-    x = max_pool_3x3_stride2(x)
+    x = self.max_pool(x)
     self.sow('intermediates', 'stem', x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
