@@ -134,14 +134,24 @@ def _save(manager, step, *, state, data_state, progress, config, record, val_sco
   manager.wait_until_finished()
 
 
-def latest_config(directory: str | os.PathLike) -> dict | None:
-  """The config saved with the latest checkpoint in `directory` (None: no checkpoint yet)."""
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The step of the latest complete checkpoint in `directory` (None: no checkpoint yet).
+
+  Read from the listing, where orbax names a finished checkpoint by its step alone (it renames
+  `<step>` + TMP_MARKER... when complete): a manager would sync the processes of a multi-process
+  run, and this is asked after one of them died.
+  """
   if not os.path.isdir(directory):
     return None
-  manager = create_manager(directory, read_only=True)
-  step = manager.latest_step()
+  return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=None)
+
+
+def latest_config(directory: str | os.PathLike) -> dict | None:
+  """The config saved with the latest checkpoint in `directory` (None: no checkpoint yet)."""
+  step = latest_step(directory)
   if step is None:
     return None
+  manager = create_manager(directory, read_only=True)
   return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
 

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from rf_jax import config_checks
+from rf_jax import errors
 from rf_jax import evaluate
 from rf_jax import inputs
 from rf_jax import metrics
@@ -28,17 +29,42 @@ from rf_jax.data import planet
 from rf_jax.data import prepared
 
 
+# Chips are TIFs; cameras and other tools write the suffix in either case, and either spelling.
+CHIP_SUFFIXES = ('.tif', '.tiff')
+
+
+class OutputExistsError(errors.UserError, FileExistsError):
+  """The predictions file to write exists already (a second run would silently replace it)."""
+
+
+class OutputDirError(errors.UserError, OSError):
+  """The directory of the predictions file cannot be written."""
+
+
+def _is_chip(path: pathlib.Path) -> bool:
+  return path.suffix.lower() in CHIP_SUFFIXES and path.is_file()
+
+
 def chip_paths(pattern: str) -> list[pathlib.Path]:
-  """The .tif chips of a directory, or the files a glob names, in natural name order."""
+  """The .tif/.tiff chips (any case) of a directory, or of the files a glob names, in natural
+  name order."""
   path = pathlib.Path(pattern).expanduser()
-  found = sorted(path.glob('*.tif')) if path.is_dir() else [
+  matched = list(path.iterdir()) if path.is_dir() else [
       pathlib.Path(p) for p in glob.glob(os.path.expanduser(pattern))]
   natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.name)]
-  found = sorted(found, key=natural)
+  found = sorted(filter(_is_chip, matched), key=natural)
   if not found:
+    seen = f' ({len(matched)} other files or folders)' if matched else ''
     raise planet.PlanetFileNotFoundError(
-        f'--chips={pattern}: no chips found (give a directory of .tif chips or a glob such as '
-        '"/data/planet/test-tif-v2/test_1*.tif").')
+        f'--chips={pattern}: no .tif or .tiff chips found{seen}; give a directory of chips or a '
+        'glob such as "/data/planet/test-tif-v2/test_1*.tif".')
+  by_name = {}
+  for p in found:  # a row of the CSV is named by the chip's file name without its suffix
+    if p.stem in by_name:
+      raise planet.PlanetDataError(
+          f'--chips={pattern}: {by_name[p.stem]} and {p} would both be named "{p.stem}" in the '
+          'scores: rename one, or score them in separate runs with separate --output files.')
+    by_name[p.stem] = p
   return found
 
 
@@ -80,26 +106,36 @@ def _chips_as_data(paths, wd: workdir_lib.Workdir) -> prepared.PlanetData:
 
 def write_scores(path: pathlib.Path, names, scores: np.ndarray, predicted: np.ndarray) -> None:
   """`image_name`, one column of scores per tag (float32, round-trip precision), `tags`."""
-  lines = [','.join(['image_name', *planet.TAGS, 'tags'])]
-  for name, row, tags in zip(names, scores, predicted):
-    lines.append(','.join([name, *(f'{float(v):.9g}' for v in row),
-                           ' '.join(t for t, on in zip(planet.TAGS, tags) if on)]))
-  workdir_lib.write_text(path, '\n'.join(lines) + '\n')
+  workdir_lib.write_csv(path, ['image_name', *planet.TAGS, 'tags'], (
+      [name, *(f'{float(v):.9g}' for v in row), submission.predicted_tags(tags)]
+      for name, row, tags in zip(names, scores, predicted)))
 
 
-def predict_chips(config: ml_collections.ConfigDict, workdir, pattern: str) -> pathlib.Path:
-  """Scores the chips `pattern` names with the run's best checkpoint; writes chip_scores.csv."""
+def predict_chips(config: ml_collections.ConfigDict, workdir, pattern: str,
+                  output=None) -> pathlib.Path:
+  """Scores the chips `pattern` names with the run's best checkpoint; writes them to `output`
+  (a CSV file; default the workdir's chip_scores.csv), which must not exist yet."""
   config_checks.check(config)
   wd = workdir_lib.Workdir(workdir)
+  output = wd.chip_scores if output is None else pathlib.Path(output).expanduser()
+  if output.exists():  # checked before the model is restored: nothing is computed in vain
+    raise OutputExistsError(
+        f'{output} exists already: give --output OTHER.csv for these chips\' scores, or '
+        'delete it to replace it.')
+  try:
+    workdir_lib.probe_writable(output.parent)
+  except OSError as e:
+    raise OutputDirError(f'{output.parent}: cannot write {output.name} there '
+                         f'({e.strerror or e}): give --output DIR/NAME.csv in a directory you '
+                         'can write.') from None
+  paths = chip_paths(pattern)
   state, restored = evaluate.restore_model(config, wd)
   thresholds = submission.tuned_thresholds(wd, restored.step)
-  paths = chip_paths(pattern)
   data = _chips_as_data(paths, wd)
   scores, _, _ = evaluate.make_predict_fn(config, data, state)(
       inputs.eval_batches(config, data, 'validation'))
   if jax.process_index() == 0:
-    write_scores(wd.chip_scores, data.names['validation'], scores,
-                 metrics.binarize(scores, thresholds))
-    print(f'{wd.chip_scores}: {len(paths)} chips scored by step {restored.step}, tags at the '
+    write_scores(output, data.names['validation'], scores, metrics.binarize(scores, thresholds))
+    print(f'{output}: {len(paths)} chips scored by step {restored.step}, tags at the '
           f'thresholds tuned in {wd.metrics}.')
-  return wd.chip_scores
+  return output

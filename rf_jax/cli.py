@@ -13,12 +13,20 @@ import os
 import pathlib
 import re
 import sys
+import traceback
 
 from absl import flags
 import jax
 
+from rf_jax import checkpoints
 from rf_jax import errors
 from rf_jax import preemption
+from rf_jax import provenance
+from rf_jax import workdir as workdir_lib
+
+
+class CommandLineError(errors.UserError, ValueError):
+  """Flags that do not fit together (a mode's flag given to another mode, a stray argument)."""
 
 # OSErrors that describe the user's file system rather than a bug (str(e) names the path).
 FILESYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR,
@@ -58,9 +66,8 @@ def _peer_failed(error: Exception, workdir: str) -> None:
   wait for the dead process until the heartbeat timeout, then abort this one."""
   first_line = str(error).strip().splitlines()[0]
   print(f'error: process {jax.process_index()} of {jax.process_count()} stops: another process '
-        f'of this run has stopped ({first_line}). The last checkpoint in {workdir} is intact: '
-        'see the other processes\' logs, then rerun the whole job (every process) to resume '
-        'from it.', file=sys.stderr, flush=True)
+        f'of this run has stopped ({first_line}). {_after_interruption(workdir)} See the other '
+        'processes\' logs; rerun the whole job (every process).', file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(1)
 
@@ -127,12 +134,27 @@ def check_backend() -> None:
 
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
+BUILTIN_CONFIGS = tuple(sorted(p.stem for p in CONFIGS_DIR.glob('*.py') if p.stem != '__init__'))
 
 
 def _builtin_config(value: str) -> str:
-  """`--config dual` names rf_jax/configs/dual.py, from any directory."""
+  """`--config dual` names rf_jax/configs/dual.py from any directory; a file named `dual` in
+  the current directory wins, a folder of that name does not. `~` is the home directory, as
+  in every path option (the shell leaves it alone after `=`)."""
   path = CONFIGS_DIR / f'{value}.py'
-  return str(path) if os.sep not in value and not os.path.exists(value) and path.is_file() else value
+  if os.sep not in value and not os.path.isfile(value) and path.is_file():
+    return str(path)
+  return os.path.expanduser(value)
+
+
+def _config_file(argv: list[str]) -> str | None:
+  """The --config value in `argv` (None without one)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _with_builtin_configs(argv: list[str]) -> list[str]:
@@ -145,41 +167,118 @@ def _with_builtin_configs(argv: list[str]) -> list[str]:
   return out
 
 
+def _same_file(a: str, b: str) -> bool:
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def config_file_error(error: BaseException, path: str | None) -> str | None:
+  """'PATH:LINE: what went wrong' when `error` came from running the config file `path` (its
+  syntax, or an exception raised in it), else None: the user's code, not rf_jax's."""
+  if not path or not os.path.isfile(path):
+    return None
+  if isinstance(error, SyntaxError) and error.filename and _same_file(error.filename, path):
+    return f'{path}:{error.lineno}: {type(error).__name__}: {error.msg}'
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if _same_file(frame.filename, path)]
+  if lines:
+    return f'{path}:{lines[-1]}: {type(error).__name__}: {error}'
+  if isinstance(error, AttributeError) and getattr(error, 'name', None) == 'get_config':
+    return f'{path}: defines no get_config()'
+  return None
+
+
+HELP_FLAGS = ('-h', '-?', '-help', '--help', '--helpshort')
+FULL_HELP_FLAGS = ('-helpfull', '--helpfull')
+
+
+def _help(flag_values, full: bool) -> str:
+  """The program's docstring and its own flags (every flag, absl's included, with `full`)."""
+  doc = (sys.modules['__main__'].__doc__ or '').strip()
+  listing = (flag_values.get_help() if full else
+             flag_values.module_help(flag_values.find_module_defining_flag('workdir')))
+  more = '' if full else '\n\n--helpfull lists every flag, absl\'s included.'
+  return f'{doc}\n\nflags:\n{listing}{more}'
+
+
+def version() -> str:
+  """`rf-jax --version`: rf_jax's version and the libraries that decide its numbers."""
+  found = provenance.versions()
+  commit = f' (commit {found["rf_jax_commit"]})' if 'rf_jax_commit' in found else ''
+  libraries = ', '.join(f'{name} {found[name]}' for name in ('jax', 'jaxlib', 'flax', 'optax')
+                        if name in found)
+  return (f'rf-jax {found.get("rf_jax", "not installed")}{commit}; python {found["python"]}, '
+          f'{libraries}')
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with every mistake reported as one `error:` line (exit 1)."""
+  """absl's flag parsing, with every mistake reported as one `error:` line (exit 1); --help
+  and --version print and exit 0."""
   flag_values = flags.FLAGS
   argv = _with_builtin_configs(argv)
+  if '--version' in argv[1:]:
+    print(version())
+    sys.exit(0)
+  asked = set(argv[1:])
+  if asked & set(HELP_FLAGS + FULL_HELP_FLAGS):
+    flag_values.mark_as_parsed()  # listing the flags reads their defaults
+    print(_help(flag_values, full=bool(asked & set(FULL_HELP_FLAGS))))
+    sys.exit(0)
+  config_file = _config_file(argv)
   try:
     rest = flag_values(argv)
     if 'config' in flag_values and flag_values.config is not None:
       flag_values.config.keys()  # a config file loads lazily: fail here, not deep in a run
     return rest
-  except OSError as e:  # the config file is missing or does not load
-    _fail(f'--config: {" ".join(str(e).split())}')
-  except flags.UnrecognizedFlagError as e:
-    _fail(f'{" ".join(str(e).split())}.{_config_key_hint(e.flagname, flag_values)}')
-  except flags.Error as e:
-    message = ' '.join(str(e).split())
+  except Exception as e:  # pylint: disable=broad-except
+    in_config_file = config_file_error(e, config_file)
+    if in_config_file:
+      _fail(f'--config {in_config_file}. Fix the config file: it defines get_config() '
+            'returning a ConfigDict, as rf_jax/configs/*.py do.')
+    _fail(_parse_error(e, argv, flag_values))
+
+
+def _parse_error(error: Exception, argv, flag_values) -> str:
+  """The one line for a mistake in the flags; anything else is re-raised (a bug)."""
+  if isinstance(error, OSError):  # the config file is missing or cannot be read
+    return (f'--config: {" ".join(str(error).split())}. Give a get_config() file, or one of '
+            f'the built-in configs: {", ".join(BUILTIN_CONFIGS)}.')
+  if isinstance(error, flags.UnrecognizedFlagError):
+    return f'{" ".join(str(error).split())}.{_config_key_hint(error.flagname, flag_values)}'
+  if isinstance(error, flags.Error):
+    message = ' '.join(str(error).split())
     hint = (' Every config key and its type is in configs/default.py.'
-            if '--config' in message else ' See --helpfull.')
-    _fail(f'{message}.{hint}')
-  except (AttributeError, KeyError) as e:  # an override of a key the config does not have
-    missing, suggestion = missing_config_key(e)
-    _fail(f'{_config_arg(argv, missing)}: the config has no key {missing!r}'
-          f'{f" (did you mean {suggestion!r}?)" if suggestion else ""}; every key is in '
-          'configs/default.py, e.g. --config.data.crop_size=224.')
+            if '--config' in message else ' See --help.')
+    return f'{message}.{hint}'
+  if isinstance(error, (AttributeError, KeyError)):  # an override of a key the config lacks
+    missing, suggestion = missing_config_key(error)
+    return (f'{_config_arg(argv, missing)}: the config has no key {missing!r}'
+            f'{f" (did you mean {suggestion!r}?)" if suggestion else ""}; every key is in '
+            'configs/default.py, e.g. --config.data.crop_size=224.')
+  raise error
+
+
+def _after_interruption(workdir: str | None) -> str:
+  """What a stop without saving left behind, for the messages that follow one."""
+  if not workdir:
+    return 'Rerun the same command.'
+  step = checkpoints.latest_step(workdir_lib.Workdir(workdir).checkpoints)
+  if step is None:
+    return (f'No checkpoint had been saved in {workdir} yet: rerun the same command to start '
+            'again.')
+  return (f'The last checkpoint in {workdir} (step {step}) is intact: rerun the same command '
+          'to resume from it.')
 
 
 @contextlib.contextmanager
-def reported(workdir: str):
+def reported(workdir: str | None):
   """Runs the body; user mistakes become one `error:` line, a clean stop exits 0."""
   try:
     yield
   except preemption.TrainingStopped as e:
     print(e, file=sys.stderr)
   except KeyboardInterrupt:  # a second SIGTERM/SIGINT during training, or Ctrl-C elsewhere
-    _fail(f'interrupted: stopped at once, without saving. The last checkpoint in {workdir} is '
-          'intact: rerun the same command to resume from it.', status=130)
+    _fail(f'interrupted: stopped at once, without saving. {_after_interruption(workdir)}',
+          status=130)
   except errors.UserError as e:
     _fail(str(e))
   except COLLECTIVE_ERRORS as e:

@@ -1,7 +1,8 @@
 """The study's comparison of several workdirs: per-tag AP side by side, overlaid curves.
 
 Reads each workdir's history.json and eval/metrics.json (rf_jax/report.py documents them);
-`--mode compare` writes ``comparison.md`` and two PNGs into its --workdir.
+`--mode compare` writes ``comparison.md`` and two PNGs into its --workdir. Only runs evaluated
+on the same validation chips are compared (eval/predictions.npz, else provenance.json, tells).
 """
 
 from __future__ import annotations
@@ -11,9 +12,84 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from rf_jax import errors
 from rf_jax import history
 from rf_jax import report
 from rf_jax import workdir as workdir_lib
+
+
+class ComparisonError(errors.UserError, ValueError):
+  """The --compare workdirs cannot be compared (the same one twice, other tags, other chips)."""
+
+
+class WorkdirNotFoundError(errors.UserError, FileNotFoundError):
+  """A --compare workdir does not exist (or is not a directory)."""
+
+
+def _check_workdirs(workdirs: Sequence[Path]) -> None:
+  """Each workdir exists, and each is given once: a mistyped path or a repeated one would
+  otherwise surface as 'train first' or as two identical columns."""
+  seen = {}
+  for wd in workdirs:
+    if not wd.is_dir():
+      raise WorkdirNotFoundError(
+          f'--compare: workdir {wd} ' + ('is a file, not a directory' if wd.exists() else
+                                         'does not exist')
+          + ': check the path (give the --workdir each run was trained in).')
+    first = seen.setdefault(wd.resolve(), wd)
+    if first is not wd:
+      same = f'{wd}' if str(first) == str(wd) else f'{first} and {wd}, the same directory,'
+      raise ComparisonError(f'--compare names {same} twice: give each workdir once.')
+
+
+def _evaluated_chips(wd: workdir_lib.Workdir) -> dict:
+  """What identifies the validation chips a workdir was evaluated on: their names and labels
+  (eval/predictions.npz), and the prepared dataset's fingerprint (provenance.json)."""
+  found = {}
+  saved = workdir_lib.read_npz(wd.predictions)
+  if saved is not None and 'names' in saved and 'labels' in saved:
+    order = np.argsort(saved['names'], kind='stable')
+    found['names'], found['labels'] = saved['names'][order], saved['labels'][order]
+  if wd.provenance.is_file():
+    found['fingerprint'] = (workdir_lib.read_json(wd.provenance).get('dataset') or {}).get(
+        'fingerprint')
+  return found
+
+
+def _same_chips(a: dict, b: dict, key: str) -> bool:
+  if key == 'fingerprint':
+    return a['fingerprint'] == b['fingerprint']
+  # Names alone are not enough: synthetic datasets of other seeds name their chips alike.
+  return np.array_equal(a['names'], b['names']) and np.array_equal(a['labels'], b['labels'])
+
+
+def _check_same_chips(workdirs: Sequence[Path], mets: Sequence[Mapping]) -> None:
+  """Refuses workdirs evaluated on different validation chips: their scores (and the best of
+  each row) would compare other data, not other models. The chip names and labels decide
+  where every workdir's saved predictions hold them, else the dataset fingerprint."""
+  chips = [_evaluated_chips(workdir_lib.Workdir(w)) for w in workdirs]
+  key = next((k for k in ('names', 'fingerprint') if all(c.get(k) is not None for c in chips)),
+             None)
+  if key is None:  # some lack the chip names: name first one that records no dataset either
+    _, i = min((chips[i].get('fingerprint') is not None, i) for i in range(len(chips))
+               if 'names' not in chips[i])
+    wd = workdir_lib.Workdir(workdirs[i])
+    raise ComparisonError(
+        f'--compare: cannot tell which validation chips {wd.root} was evaluated on (no chip '
+        f'names in {wd.predictions}'
+        + ('' if chips[i].get('fingerprint') else f', no dataset in {wd.provenance}')
+        + f'): run --mode evaluate --workdir {wd.root} again, then compare.')
+  if (len({m['num_chips'] for m in mets}) == 1
+      and all(_same_chips(chips[0], c, key) for c in chips[1:])):
+    return
+  each = '; '.join(f'{w}: {m["num_chips"]} chips'
+                   + (f' (dataset {c["fingerprint"]})' if c.get('fingerprint') else '')
+                   for w, m, c in zip(workdirs, mets, chips))
+  raise ComparisonError(
+      f'--compare: the workdirs were evaluated on different validation chips, so their scores '
+      f'cannot be compared: {each}. Evaluate them on the same chips (--mode evaluate with the '
+      'same --config.data.raw_dir; runs of another data.val_fraction or data.split_seed have '
+      'another validation split), then compare.')
 
 
 def _best_marks(values: Sequence[float | None], higher_is_better: bool = True) -> list[str]:
@@ -71,19 +147,27 @@ def write_comparison(workdirs: Sequence, out_dir) -> Path:
   """
   if not workdirs:
     raise ValueError('write_comparison needs at least one workdir')
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  workdirs = [Path(w) for w in workdirs]
+  _check_workdirs(workdirs)
   histories, mets, names = [], [], []
-  for wd in map(Path, workdirs):
+  for wd in workdirs:
     histories.append(history.read(workdir_lib.Workdir(wd).history))
     mets.append(report.read_metrics(workdir_lib.Workdir(wd).metrics))
     names.append(str(mets[-1].get('model') or histories[-1].get('model') or wd.name))
   if len(set(names)) < len(names):  # same model twice: tell the columns apart by directory
-    names = [f'{n} ({Path(w).name})' for n, w in zip(names, workdirs)]
+    names = [f'{n} ({w.name})' for n, w in zip(names, workdirs)]
+  if len(set(names)) < len(names):  # directories of the same name: by the path as given
+    names = [f'{n} ({w})' for n, w in zip(names, workdirs)]
   tags = list(mets[0]['ap'])
   for m, wd in zip(mets, workdirs):
     if list(m['ap']) != tags:
-      raise ValueError(f'{wd}: tags {list(m["ap"])} differ from {tags}')
+      raise ComparisonError(
+          f'{workdir_lib.Workdir(wd).metrics}: tags {list(m["ap"])} differ from {tags} in '
+          f'{workdir_lib.Workdir(workdirs[0]).metrics}: run --mode evaluate on both workdirs '
+          'with this rf_jax, then compare.')
+  _check_same_chips(workdirs, mets)
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   ap_rows = [[m['ap'][t] for t in tags] for m in mets]
 
   md = ['# Comparison', '',
@@ -106,11 +190,11 @@ def write_comparison(workdirs: Sequence, out_dir) -> Path:
   md.append('')
   excl = [f'{n}: {", ".join(m["excluded_tags"])}' for n, m in zip(names, mets) if m['excluded_tags']]
   md += ['Excluded tags: ' + ('; '.join(excl) if excl else 'none') + '.', '',
-         'Workdirs: ' + ', '.join(f'{n} = `{Path(w).name}`' for n, w in zip(names, workdirs)), '']
+         'Workdirs: ' + ', '.join(f'{n} = `{w}`' for n, w in zip(names, workdirs)), '']
   plot_comparison_curves(histories, names, out / 'comparison_curves.png')
   plot_comparison_ap(ap_rows, names, tags, out / 'comparison_ap.png')
   md += ['![loss and mAP per epoch](comparison_curves.png)', '',
          '![per-tag AP by model](comparison_ap.png)', '']
   path = out / 'comparison.md'
-  path.write_text('\n'.join(md))
+  workdir_lib.write_text(path, '\n'.join(md))
   return path

@@ -6,6 +6,8 @@ sense, so that a typo fails in a second instead of after an epoch. The choices
 are read from the modules that own them.
 """
 
+import os
+
 import ml_collections
 
 from rf_jax import augment
@@ -43,6 +45,21 @@ _NON_NEGATIVE = ('optim.momentum', 'data.num_workers',
                  'checkpoint_every_steps', 'eval.top_n')
 
 
+# The keys that hold a path: `~` in them is the home directory, as in every path flag.
+PATH_KEYS = ('data.raw_dir', 'data.prepared_dir', 'model.weights')
+
+
+def with_expanded_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose PATH_KEYS have `~` expanded (the shell does not expand it after
+  `=`, and a literal folder named `~` is never what was meant)."""
+  config = config.copy_and_resolve_references()
+  for key in PATH_KEYS:
+    section, name = key.rsplit('.', 1)
+    node = _get(config, section)
+    node[name] = os.path.expanduser(node[name])
+  return config
+
+
 def _get(config: ml_collections.ConfigDict, key: str):
   value = config
   for part in key.split('.'):
@@ -65,6 +82,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   for key in _NON_NEGATIVE:
     if _get(config, key) < 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
+  if not isinstance(_get(config, 'cpu_tuning'), bool):
+    raise ConfigError(f'config.cpu_tuning={config.cpu_tuning!r} must be True or False.')
   if not 0 < config.data.val_fraction < 1:
     raise ConfigError(f'config.data.val_fraction={config.data.val_fraction!r} must be '
                       'strictly between 0 and 1.')
@@ -78,8 +97,9 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 # Keys a run may change between invocations without changing what was trained or evaluated.
+# cpu_tuning changes the last bits only, as another machine does.
 _FREE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'data.raw_dir', 'data.prepared_dir',
-              'eval.')
+              'eval.', 'cpu_tuning')
 # Keys that may change with --allow_config_change (the change is recorded in history.json).
 CHANGEABLE_KEYS = ('num_epochs',)
 
@@ -94,14 +114,22 @@ def _flat(tree: dict, prefix: str = '') -> dict:
   return out
 
 
-def changed_keys(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
-  """{key: (the run's value, this config's value)} for every key that would change the run.
+def with_defaults(saved: dict) -> dict:
+  """A saved run's config with the keys it lacks at configs/default.py's values: such a key was
+  added by a later rf_jax, and its default is what the run did."""
+  def merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+      both = isinstance(value, dict) and isinstance(base.get(key), dict)
+      out[key] = merged(base[key], value) if both else value
+    return out
+  return merged(default.get_config().to_dict(), saved)
 
-  A key the saved run lacks was added by a later rf_jax, whose default is what the run did.
-  """
+
+def changed_keys(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{key: (the run's value, this config's value)} for every key that would change the run."""
   now = _flat(config.to_dict())
-  before = {**{k: v for k, v in _flat(default.get_config().to_dict()).items() if k in now},
-            **_flat(saved)}
+  before = _flat(with_defaults(saved))
   return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
           if before.get(k) != now.get(k) and not k.startswith(_FREE_KEYS)}
 

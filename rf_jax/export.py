@@ -17,6 +17,7 @@ import numpy as np
 
 from rf_jax import checkpoints
 from rf_jax import config_checks
+from rf_jax import errors
 from rf_jax import evaluate
 from rf_jax import provenance
 from rf_jax import workdir as workdir_lib
@@ -24,6 +25,20 @@ from rf_jax.data import planet
 from rf_jax.models import registry
 
 FORMAT = 'rf_jax.export/1'
+
+
+class ExportDirError(errors.UserError, OSError):
+  """The directory to export into cannot be created or written."""
+
+
+def _writable_dir(path: pathlib.Path) -> None:
+  """Creates `path` and writes a probe file in it; the run's workdir itself may be read-only
+  (a shared or archived run), and the fix is then another output directory, not another run."""
+  try:
+    workdir_lib.probe_writable(path)
+  except OSError as e:
+    raise ExportDirError(f'{path}: cannot write the export there ({e.strerror or e}): give '
+                         '--output DIR, a directory you can write.') from None
 
 
 def export_metadata(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir,
@@ -47,22 +62,24 @@ def export_metadata(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir,
   }
 
 
-def export(config: ml_collections.ConfigDict, workdir) -> list[pathlib.Path]:
-  """Writes <workdir>/export/model.msgpack and model.safetensors; returns their paths."""
+def export(config: ml_collections.ConfigDict, workdir, output=None) -> list[pathlib.Path]:
+  """Writes model.msgpack and model.safetensors into `output` (a directory; default the
+  workdir's export/); returns their paths."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   config_checks.check(config)
   wd = workdir_lib.Workdir(workdir)
+  output = wd.export_dir if output is None else pathlib.Path(output).expanduser()
+  _writable_dir(output)  # before the checkpoint is restored
   state, restored = evaluate.restore_model(config, wd)
   meta = export_metadata(config, wd, restored.step)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   flat = {'/'.join(k): np.ascontiguousarray(np.asarray(v, np.float32))
           for k, v in traverse_util.flatten_dict(variables).items()}
-  wd.export_dir.mkdir(parents=True, exist_ok=True)
-  msgpack = wd.export_dir / 'model.msgpack'
+  msgpack = output / 'model.msgpack'
   workdir_lib.write_bytes(msgpack, serialization.msgpack_serialize(
       {'meta': meta, 'variables': traverse_util.unflatten_dict(
           {tuple(k.split('/')): v for k, v in flat.items()})}))
-  tensors = wd.export_dir / 'model.safetensors'
+  tensors = output / 'model.safetensors'
   tmp = tensors.with_name(tensors.name + '.tmp')
   save_file(flat, str(tmp), metadata={'rf_jax': json.dumps(meta)})
   tmp.replace(tensors)

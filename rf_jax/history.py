@@ -62,8 +62,10 @@ def read(path) -> dict[str, Any]:
     raise workdir_lib.MissingRunFileError(
         f'{path}: no training history (train that workdir first)')
   data = workdir_lib.read_json(path)
-  if not isinstance(data.get('epochs'), list):
-    raise ValueError(f'{path}: no "epochs" list')
+  if not isinstance(data, dict) or not isinstance(data.get('epochs'), list):
+    raise workdir_lib.DamagedRunFileError(
+        f'{path}: holds no "epochs" list, so it is not an rf_jax training history: restore it '
+        '(rf_jax writes it whole after every epoch), or train again in a new --workdir.')
   return data
 
 

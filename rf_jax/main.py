@@ -4,7 +4,8 @@ Examples:
   rf-jax --config demo --workdir runs/demo        # synthetic demo (configs/demo.py), end to end
   rf-jax --config dual --workdir runs/dual --config.data.raw_dir=/data/planet
   rf-jax --mode evaluate --workdir runs/dual                      # the run's own saved config
-  rf-jax --mode predict --workdir runs/dual --chips '/data/new/*.tif'   # any chips -> CSV
+  rf-jax --mode predict --workdir runs/dual --chips '/data/new/*.tif' --output new.csv
+  rf-jax --mode export --workdir runs/dual --output ~/models/dual
   rf-jax --mode compare --compare runs/rgb,runs/rgbir,runs/dual --workdir runs/comparison
 
 Modes: `train`; `evaluate` (restore the best epoch, recompute the validation scores, reproduction
@@ -13,10 +14,12 @@ epoch's variables as msgpack and safetensors, with tags and band statistics); `c
 side of the --compare workdirs, written into --workdir); `all` (default): train, evaluate, and
 predict when the dataset has test chips. Every config key, with its meaning, is in
 configs/default.py; override one with --config.<key>=<value> (e.g. --config.num_epochs=10).
-`python -m rf_jax.main` is the same program as `rf-jax`.
+`~` in any path (flag or config key) is the home directory. `rf-jax --version` prints the
+versions that decide the numbers. `python -m rf_jax.main` is the same program as `rf-jax`.
 """
 
 import contextlib
+import os
 import sys
 
 from absl import app
@@ -30,6 +33,7 @@ from rf_jax import config_checks
 from rf_jax import evaluate
 from rf_jax import export
 from rf_jax import inputs
+from rf_jax import parallel
 from rf_jax import provenance
 from rf_jax import runner as runner_lib
 from rf_jax import submission
@@ -37,15 +41,20 @@ from rf_jax import train
 from rf_jax import chip_scores
 from rf_jax import cli
 from rf_jax import workdir as workdir_lib
+from rf_jax import xla_cpu
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, history, evaluation.')
 flags.DEFINE_enum('mode', 'all', ['all', 'train', 'evaluate', 'predict', 'export', 'compare'],
                   'What to do in the workdir.')
-flags.DEFINE_list('compare', [], 'Workdirs to compare side by side (--mode compare).')
+flags.DEFINE_list('compare', [], 'Workdirs to compare side by side (--mode compare), '
+                  'comma-separated without spaces.')
 flags.DEFINE_string('chips', None, '--mode predict: score these chips (a directory of .tif '
-                    'chips or a glob) into <workdir>/chip_scores.csv instead of the test split.')
+                    'chips or a quoted glob) into a CSV instead of the test split.')
+flags.DEFINE_string('output', None, 'Where --mode predict --chips writes its CSV (default '
+                    '<workdir>/chip_scores.csv) or --mode export its files (default '
+                    '<workdir>/export); an existing CSV is never replaced.')
 flags.DEFINE_list('allow_config_change', [],
                   'Config keys that may differ from the run being resumed (one of '
                   f'{", ".join(config_checks.CHANGEABLE_KEYS)}); the change is recorded in '
@@ -55,15 +64,23 @@ flags.DEFINE_bool('multihost', False, 'One process per host: jax.distributed.ini
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--multihost).')
 flags.DEFINE_integer('num_processes', None, 'How many processes the job has (--multihost).')
 flags.DEFINE_integer('process_id', None, "This process's index, 0-based (--multihost).")
-config_flags.DEFINE_config_file('config', None, 'A get_config() file, e.g. configs/dual.py; '
-                                'evaluate and predict default to the run\'s saved config.',
+config_flags.DEFINE_config_file('config', None, 'A get_config() file, e.g. configs/dual.py, or '
+                                'a built-in config by name (demo, rgb, rgbir, dual); evaluate, '
+                                'predict and export default to the run\'s saved config.',
                                 lock_config=True)
 
+# Flags that mean something in some modes only: given to another mode they would be ignored.
+MODE_FLAGS = {'chips': ('predict',), 'output': ('predict', 'export'), 'compare': ('compare',),
+              'allow_config_change': ('train', 'all')}
+MULTIHOST_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+SAVED_CONFIG_MODES = ('evaluate', 'predict', 'export')  # the run's own config.json by default
 
-def run(mode: str, config, workdir: str, allow_config_change=(), chips=None) -> None:
+
+def run(mode: str, config, workdir: str, allow_config_change=(), chips=None,
+        output=None) -> None:
   """The study's modes; `all` prepares the dataset once for training, evaluation and submission."""
   if mode == 'predict' and chips:
-    chip_scores.predict_chips(config, workdir, chips)
+    chip_scores.predict_chips(config, workdir, chips, output=output)
     return
   data = runner = None
   if mode == 'all':  # one dataset and one set of compiled steps for all three
@@ -77,7 +94,47 @@ def run(mode: str, config, workdir: str, allow_config_change=(), chips=None) -> 
   if mode == 'predict' or (mode == 'all' and data.has_test):
     submission.predict_test(config, workdir, data, runner)
   if mode == 'export':
-    export.export(config, workdir)
+    export.export(config, workdir, output=output)
+
+
+def _stray_arguments(args: list[str]) -> str:
+  if FLAGS['compare'].present:
+    hint = ('--compare takes one comma-separated list without spaces, e.g. '
+            '--compare runs/rgb,runs/dual')
+  elif FLAGS['chips'].present:
+    hint = "quote a glob so that the shell passes it whole, e.g. --chips '/data/new/*.tif'"
+  else:
+    hint = 'every option is --name=value (rf-jax --help lists them)'
+  return f'unexpected argument(s) {" ".join(args)}: {hint}.'
+
+
+def check_command_line(args: list[str]) -> None:
+  """Refuses what would be ignored (a stray argument, a flag of another mode) or cannot work,
+  naming the flag: before anything is created."""
+  if args:
+    raise cli.CommandLineError(_stray_arguments(args))
+  if not FLAGS.workdir:  # checked here, not marked required: importing this module
+    # (tests, other absl programs parsing their flags) must not make --workdir mandatory for them.
+    raise cli.CommandLineError('--workdir is required, e.g. --workdir runs/dual')
+  for name, modes in MODE_FLAGS.items():
+    if FLAGS[name].present and FLAGS.mode not in modes:
+      raise cli.CommandLineError(
+          f'--{name} applies to --mode {" or ".join(modes)} only, and this is --mode '
+          f'{FLAGS.mode}{" (the default)" if not FLAGS["mode"].present else ""}, which would '
+          f'ignore it: add --mode {modes[0]}, or drop --{name}.')
+  if FLAGS.mode == 'predict' and FLAGS['output'].present and not FLAGS.chips:
+    raise cli.CommandLineError(
+        '--output names the CSV of --mode predict --chips; the test split\'s Kaggle submission '
+        'is always <workdir>/submission.csv: add --chips, or drop --output.')
+  if FLAGS.mode == 'compare' and not FLAGS.compare:
+    raise cli.CommandLineError('--mode compare needs --compare=WORKDIR,WORKDIR,...')
+  given = [f'--{name}' for name in MULTIHOST_FLAGS if FLAGS[name].present]
+  if given and not FLAGS.multihost:
+    raise cli.CommandLineError(f'{", ".join(given)} (for a multi-process job) need '
+                               '--multihost: add it, or drop them to run in one process.')
+  if FLAGS.config is None and FLAGS.mode not in (*SAVED_CONFIG_MODES, 'compare'):
+    raise cli.CommandLineError(f'--config is required for --mode {FLAGS.mode}, e.g. --config '
+                               'dual or --config configs/dual.py.')
 
 
 def _initialise_processes() -> None:
@@ -89,31 +146,37 @@ def _initialise_processes() -> None:
                jax.devices())
 
 
+def _path(value: str | None) -> str | None:
+  """A path flag's value with `~` expanded: the shell leaves `--workdir=~/run` alone."""
+  return os.path.expanduser(value) if value else value
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS.workdir:  # checked here, not marked required: importing this module
-    # (tests, other absl programs parsing their flags) must not make --workdir mandatory for them.
-    raise app.UsageError('--workdir is required, e.g. --workdir runs/dual')
   if not FLAGS['verbosity'].present:  # library logs (orbax, tfds) drown the progress lines
     logging.set_verbosity(logging.ERROR)
-  wd = workdir_lib.Workdir(FLAGS.workdir)
-  with cli.reported(FLAGS.workdir):
+  workdir = _path(FLAGS.workdir)
+  with cli.reported(workdir):
+    check_command_line(argv[1:])
     if FLAGS.mode == 'compare':
-      if not FLAGS.compare:
-        raise app.UsageError('--mode compare needs --compare=WORKDIR,WORKDIR,...')
-      print(comparison.write_comparison(FLAGS.compare, FLAGS.workdir))
+      print(comparison.write_comparison([_path(w) for w in FLAGS.compare], workdir))
       return
-    config = FLAGS.config
-    if config is None:
-      if FLAGS.mode not in ('evaluate', 'predict', 'export'):
-        raise app.UsageError('--config is required to train, e.g. --config configs/dual.py')
-      config = provenance.saved_config(wd)
+    wd = workdir_lib.Workdir(workdir)
+    config = FLAGS.config if FLAGS.config is not None else provenance.saved_config(wd)
+    config = config_checks.with_expanded_paths(config)
+    config_checks.check(config)  # a refused config creates no workdir
+    if config.cpu_tuning:  # before JAX starts its backend, which reads XLA_FLAGS once
+      xla_cpu.set_default_flags()
     _initialise_processes()
-    chief = jax.process_index() == 0  # the workdir's lock and log belong to process 0
-    with (workdir_lib.locked(wd) if chief else contextlib.nullcontext(),
-          workdir_lib.logged_output(wd) if chief else contextlib.nullcontext()):
-      run(FLAGS.mode, config, FLAGS.workdir, tuple(FLAGS.allow_config_change), FLAGS.chips)
+    if FLAGS.mode in ('train', 'all'):
+      parallel.check_batch_sizes(config)
+    # The workdir's lock and log belong to process 0 of a run that writes into it; export and
+    # predict --chips only read the run, so a read-only (shared, archived) one serves them.
+    holds = jax.process_index() == 0 and not (
+        FLAGS.mode == 'export' or (FLAGS.mode == 'predict' and FLAGS.chips))
+    with (workdir_lib.locked(wd) if holds else contextlib.nullcontext(),
+          workdir_lib.logged_output(wd) if holds else contextlib.nullcontext()):
+      run(FLAGS.mode, config, workdir, tuple(FLAGS.allow_config_change), _path(FLAGS.chips),
+          _path(FLAGS.output))
 
 
 def run_cli():

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from rf_jax import config_checks
 from rf_jax import workdir as workdir_lib
 
 PACKAGES = ('rf_jax', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint',
@@ -117,7 +118,12 @@ def saved_config(wd: workdir_lib.Workdir) -> ml_collections.ConfigDict:
     raise workdir_lib.MissingRunFileError(
         f'{wd.config} not found: {wd.root} holds no rf_jax run; give --config, or the '
         '--workdir of a trained run.')
-  config = ml_collections.ConfigDict(workdir_lib.read_json(wd.config))
+  saved = workdir_lib.read_json(wd.config)
+  if not isinstance(saved, dict):
+    raise workdir_lib.DamagedRunFileError(
+        f'{wd.config}: holds a JSON {type(saved).__name__}, not the run\'s config: restore the '
+        'file, or give --config (the one the run was trained with).')
+  config = ml_collections.ConfigDict(config_checks.with_defaults(saved))
   config.lock()
   return config
 

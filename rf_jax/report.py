@@ -30,7 +30,6 @@ pyplot, no display, no global state).
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from pathlib import Path
@@ -93,11 +92,13 @@ def read_metrics(path) -> dict[str, Any]:
   if not path.is_file():
     raise workdir_lib.MissingRunFileError(
         f'{path}: no metrics file (run --mode evaluate on that workdir first)')
-  with open(path) as f:
-    data = json.load(f)
-  missing = [k for k in METRICS_JSON_KEYS if k not in data]
-  if missing:
-    raise ValueError(f'{path}: missing keys {missing} (expected {list(METRICS_JSON_KEYS)})')
+  data = workdir_lib.read_json(path)
+  missing = [k for k in METRICS_JSON_KEYS if k not in data] if isinstance(data, dict) else None
+  if missing is None or missing:
+    raise workdir_lib.DamagedRunFileError(
+        f'{path}: ' + (f'missing keys {missing}' if missing else 'not a JSON object')
+        + f' (expected the keys {list(METRICS_JSON_KEYS)}): the file was edited or written by '
+        f'another rf_jax; run --mode evaluate --workdir {path.parent.parent} again to rewrite it.')
   return data
 
 

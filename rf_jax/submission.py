@@ -31,12 +31,15 @@ def tuned_thresholds(wd: workdir_lib.Workdir, step: int) -> np.ndarray:
   return np.asarray([summary['thresholds'][t] for t in planet.TAGS])
 
 
+def predicted_tags(row) -> str:
+  """The tags set in one row of binarized predictions, space-separated (Kaggle's `tags`)."""
+  return ' '.join(t for t, on in zip(planet.TAGS, row) if on)
+
+
 def write_submission(path: pathlib.Path, names, predicted: np.ndarray) -> None:
   """Kaggle's format: `image_name,tags` with the predicted tags space-separated."""
-  lines = ['image_name,tags'] + [
-      f'{name},{" ".join(t for t, on in zip(planet.TAGS, row) if on)}'
-      for name, row in zip(names, predicted)]
-  workdir_lib.write_text(path, '\n'.join(lines) + '\n')
+  workdir_lib.write_csv(path, ['image_name', 'tags'],
+            ([name, predicted_tags(row)] for name, row in zip(names, predicted)))
 
 
 def predict_test(config: ml_collections.ConfigDict, workdir, data=None,

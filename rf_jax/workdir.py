@@ -24,6 +24,7 @@ file: each write goes to a temporary name that is renamed over the target.
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import io
 import json
@@ -32,6 +33,7 @@ import pathlib
 import socket
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -45,6 +47,10 @@ class WorkdirError(errors.UserError, OSError):
 class MissingRunFileError(errors.UserError, FileNotFoundError):
   """A file of the run that an earlier mode writes is missing (or lacks what it should hold);
   the message names the mode to run first."""
+
+
+class DamagedRunFileError(errors.UserError, ValueError):
+  """A file of the run exists but cannot be read (edited by hand, cut short, overwritten)."""
 
 
 class Workdir:
@@ -90,13 +96,18 @@ class Workdir:
       raise WorkdirError(f'workdir {self.root} is a file, not a directory: choose another '
                          '--workdir.')
     try:
-      self.root.mkdir(parents=True, exist_ok=True)
-      # One probe per process: the processes of a multi-host run share the workdir.
-      with tempfile.NamedTemporaryFile(dir=self.root, prefix='.write_probe'):
-        pass
+      probe_writable(self.root)  # once per process: a multi-host run's processes share it
     except OSError as e:
       raise WorkdirError(f'workdir {self.root} is not writable ({e.strerror or e}): choose '
                          'another --workdir or fix its permissions.') from None
+
+
+def probe_writable(directory: pathlib.Path) -> None:
+  """Creates `directory` and writes a file in it (removed at once), raising the OSError that
+  says why it cannot: before any work whose result would go there."""
+  directory.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, prefix='.write_probe'):
+    pass
 
 
 @contextlib.contextmanager
@@ -171,9 +182,28 @@ def write_json(path: pathlib.Path, value) -> None:
   write_text(path, json.dumps(value, indent=1, allow_nan=False))
 
 
+def write_csv(path: pathlib.Path, header, rows) -> None:
+  """A CSV file written whole; the csv module quotes a field holding a comma, quote or line
+  break (a chip's name can), so every row keeps its columns."""
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator='\n')
+  writer.writerow(header)
+  writer.writerows(rows)
+  write_text(path, text.getvalue())
+
+
 def read_json(path: pathlib.Path):
+  """The JSON value in `path`; one that does not parse is a DamagedRunFileError naming the
+  file and line (a FileNotFoundError is left to the caller, which knows what writes it)."""
   with open(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DamagedRunFileError(
+        f'{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}): the file was edited '
+        'or cut short. Restore it (rf_jax writes it whole, never in part), or run in a new '
+        '--workdir.') from None
 
 
 def write_npz(path: pathlib.Path, arrays: dict) -> None:
@@ -187,5 +217,10 @@ def read_npz(path: pathlib.Path) -> dict | None:
   """The arrays of an .npz file (never unpickled), or None when there is none."""
   if not path.is_file():
     return None
-  with np.load(path, allow_pickle=False) as saved:
-    return {k: saved[k] for k in saved.files}
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      return {k: saved[k] for k in saved.files}
+  except (zipfile.BadZipFile, ValueError, EOFError) as e:  # cut short, or not rf_jax's arrays
+    raise DamagedRunFileError(
+        f'{path}: not readable ({e}): the file was cut short or replaced. Delete it and rerun '
+        'the mode that writes it (--mode evaluate writes eval/).') from None

@@ -9,14 +9,18 @@ import importlib
 import os
 import pathlib
 import pkgutil
+import re
+import sys
 
 from absl import flags
 import jax
+from ml_collections import config_dict
 from ml_collections import config_flags
 import pytest
 
 import rf_jax
 from rf_jax import cli
+from rf_jax import config_checks
 from rf_jax import errors
 
 RGB_CONFIG = pathlib.Path(rf_jax.__file__).resolve().parent / 'configs' / 'rgb.py'
@@ -155,3 +159,74 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch, message, process
   with pytest.raises(error_class, match=message[:20]):
     with cli.reported('runs/W'):
       raise error_class(message)
+
+
+# --- config_file_error: a mistake inside the user's config file -------------------------
+
+
+def _config_file_error(path: pathlib.Path) -> Exception:
+  """What loading the config file `path` raises, as main.py defines --config."""
+  argv = ['rf-jax', '--config', str(path)]
+  # ml_collections loads every config file as module `config_config` over the one in
+  # sys.modules: an earlier test's get_config would survive in a file that lacks one.
+  sys.modules.pop('config_config', None)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  with pytest.raises(Exception) as raised:  # whatever the user's file raises
+    flag_values(argv)
+    flag_values.config.keys()
+  return raised.value
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('def get_config(:\n', r':1: SyntaxError: '),
+    ('import ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict(undefined)\n',
+     r":4: NameError: name 'undefined' is not defined$"),
+    ('x = 1\n', r': defines no get_config\(\)$'),
+])
+def test_a_config_file_error_names_its_line(tmp_path, text, expected):
+  path = tmp_path / 'my_config.py'
+  path.write_text(text)
+  message = cli.config_file_error(_config_file_error(path), str(path))
+  assert message is not None and message.startswith(str(path)), message
+  assert re.search(expected, message), message
+
+
+def test_an_error_outside_the_config_file_is_not_blamed_on_it(tmp_path):
+  path = tmp_path / 'my_config.py'
+  path.write_text('x = 1\n')
+  assert cli.config_file_error(ValueError('a bug elsewhere'), str(path)) is None
+  assert cli.config_file_error(_config_file_error(path), None) is None
+
+
+def test_a_builtin_config_name_is_not_shadowed_by_a_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'dual').mkdir()  # `rf-jax --config dual --workdir dual` made it
+  assert cli._with_builtin_configs(['rf-jax', '--config', 'dual']) == [
+      'rf-jax', '--config', str(cli.CONFIGS_DIR / 'dual.py')]
+  (tmp_path / 'rgb').write_text('a file of that name is what the user means\n')
+  assert cli._with_builtin_configs(['rf-jax', '--config=rgb']) == ['rf-jax', '--config=rgb']
+  monkeypatch.setenv('HOME', str(tmp_path))
+  assert cli._with_builtin_configs(['rf-jax', '--config=~/mine.py']) == [
+      'rf-jax', f'--config={tmp_path}/mine.py']
+
+
+def test_an_interruption_before_any_checkpoint_says_so(tmp_path, capsys):
+  # A write that a kill cut short is no checkpoint (orbax renames it to `7` when complete).
+  (tmp_path / 'checkpoints' / '7.orbax-checkpoint-tmp-1764800000').mkdir(parents=True)
+  with pytest.raises(SystemExit) as stopped:
+    with cli.reported(str(tmp_path)):
+      raise KeyboardInterrupt
+  assert stopped.value.code == 130
+  err = capsys.readouterr().err
+  assert f'No checkpoint had been saved in {tmp_path} yet' in err, err
+  assert 'intact' not in err
+
+
+def test_config_paths_expand_the_home_directory(monkeypatch, tmp_path):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  config = config_checks.with_expanded_paths(config_dict.ConfigDict(
+      {'data': {'raw_dir': '~/planet', 'prepared_dir': ''}, 'model': {'weights': '~/w.msgpack'}}))
+  assert (config.data.raw_dir, config.data.prepared_dir, config.model.weights) == (
+      f'{tmp_path}/planet', '', f'{tmp_path}/w.msgpack')

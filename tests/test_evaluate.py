@@ -123,19 +123,33 @@ def test_report_table_holds_each_tags_ap_positives_and_threshold(trained):
     assert float(threshold) == pytest.approx(thresholds[tag], abs=5e-3), tag
 
 
-def test_submission_tags_are_the_test_chips_scores_above_their_thresholds(trained):
+def test_submission_tags_are_the_test_chips_scores_above_their_thresholds(trained, tmp_path):
   """Each test chip's row against its scores from its own file (--chips reads the TIFs, not
-  the prepared test split) and the thresholds tuned at evaluation."""
+  the prepared test split) and the thresholds tuned at evaluation. Some chips are scored under
+  names with a comma or a quote and suffixes in other cases: their rows keep every column."""
+  import shutil  # pylint: disable=g-import-not-at-top
   config, workdir, _ = trained
   path = submission.predict_test(config, workdir)
   with open(path, newline='') as f:
     rows = list(csv.reader(f))
   assert rows[0] == ['image_name', 'tags']
   assert sorted(r[0] for r in rows[1:]) == sorted(f'test_{i}' for i in range(7))
-  chip_scores.predict_chips(config, workdir, str(pathlib.Path(config.data.raw_dir)
-                                                 / 'test-tif-v2'))
-  with open(Workdir(workdir).chip_scores, newline='') as f:
-    scores = {r[0]: np.asarray(r[1:-1], np.float32) for r in list(csv.reader(f))[1:]}
+  renamed = {'test_0': 'site A, 2017.TIF', 'test_1': 'say "yes", then.tiff',
+             'test_2': 'test_2.TIFF'}
+  chips = tmp_path / 'chips'
+  chips.mkdir()
+  for i in range(7):
+    name = f'test_{i}'
+    shutil.copy(pathlib.Path(config.data.raw_dir) / 'test-tif-v2' / f'{name}.tif',
+                chips / renamed.get(name, f'{name}.tif'))
+  output = tmp_path / 'odd names.csv'
+  assert chip_scores.predict_chips(config, workdir, str(chips), output=output) == output
+  original = {pathlib.Path(v).stem: k for k, v in renamed.items()}
+  with open(output, newline='') as f:
+    scored = list(csv.reader(f))[1:]
+  assert all(len(r) == 1 + len(planet.TAGS) + 1 for r in scored)
+  scores = {original.get(r[0], r[0]): np.asarray(r[1:-1], np.float32) for r in scored}
+  assert sorted(scores) == sorted(f'test_{i}' for i in range(7))
   thresholds = json.loads(Workdir(workdir).metrics.read_text())['thresholds']
   predicted = 0
   for name, tags in rows[1:]:
@@ -185,6 +199,18 @@ def test_export_holds_the_best_variables_tags_and_statistics(trained):
   np.testing.assert_array_equal(payload['variables']['params']['fc']['kernel'],
                                 want['params/fc/kernel'])
   assert payload['meta'] == meta
+
+
+def test_export_into_another_directory(trained, tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from rf_jax import export  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = trained
+  output = tmp_path / 'elsewhere' / 'model'
+  msgpack, tensors = export.export(config, workdir, output=output)
+  assert (msgpack, tensors) == (output / 'model.msgpack', output / 'model.safetensors')
+  restored = checkpoints.restore_for_evaluation(Workdir(workdir).checkpoints)
+  np.testing.assert_array_equal(load_file(str(tensors))['params/fc/kernel'],
+                                restored.state['params']['fc']['kernel'])
 
 
 @pytest.mark.parametrize('layout', ['kaggle', 'course'])

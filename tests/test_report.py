@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from rf_jax import comparison, metrics, report
+from rf_jax import comparison, errors, metrics, report
+from rf_jax import workdir as workdir_lib
 
 TAGS = ('clear', 'cloudy', 'haze', 'partly_cloudy', 'agriculture', 'artisinal_mine', 'bare_ground',
         'blooming', 'blow_down', 'conventional_mine', 'cultivation', 'habitation', 'primary', 'road',
@@ -28,8 +29,9 @@ def _history(model, epochs, rng):
   return {'model': model, 'epochs': rows}
 
 
-def _predictions(rng, n=60, skill=0.4):
-  labels = (rng.random((n, 17)) < 0.3).astype(np.float32)
+def _predictions(rng, n=60, skill=0.4, chips_rng=None):
+  """`chips_rng` draws the labels (the chips evaluated; default `rng`), `rng` the scores."""
+  labels = ((chips_rng or rng).random((n, 17)) < 0.3).astype(np.float32)
   labels[:, 8] = 0  # blow_down: no positives -> excluded
   scores = np.clip(skill * labels + rng.random((n, 17)) * (1 - skill), 0, 1).astype(np.float32)
   names = np.array([f'train_{i}' for i in range(n)])
@@ -41,13 +43,15 @@ def _load_rgb(name):
   return rng.integers(0, 2 ** 14, size=(32, 32, 3), dtype=np.uint16)
 
 
-def _make_workdir(tmp_path, model, seed, skill, dirname=None):
+def _make_workdir(tmp_path, model, seed, skill, dirname=None, chips=(60, 0)):
+  """A fake evaluated run; `chips`: (how many, seed of their labels), the same validation chips
+  for every workdir unless told otherwise (a comparison refuses other chips)."""
   rng = np.random.default_rng(seed)
   wd = tmp_path / (dirname or model)
   (wd / 'eval').mkdir(parents=True)
   hist = _history(model, 4, rng)
   (wd / 'history.json').write_text(json.dumps(hist))
-  pred = _predictions(rng, skill=skill)
+  pred = _predictions(rng, n=chips[0], skill=skill, chips_rng=np.random.default_rng(chips[1]))
   np.savez(wd / 'eval' / 'predictions.npz', **pred)
   summary = report.metrics_summary(pred['labels'], pred['scores'], TAGS, model=model, loss=0.2,
                                    step=40)
@@ -189,4 +193,90 @@ def test_comparison_cli_names_a_workdir_without_results(tmp_path):
   result = _compare_cli([good, tmp_path / 'never_trained'], tmp_path / 'cmp')
   assert result.returncode == 1
   assert result.stderr.startswith('error: ') and 'never_trained' in result.stderr
+  assert 'does not exist' in result.stderr  # a mistyped path, not "train that workdir first"
   assert 'Traceback' not in result.stderr
+
+
+def _refused(workdirs, out, error, *fragments):
+  """The comparison's error names each fragment, and nothing is written."""
+  with pytest.raises(error) as raised:
+    comparison.write_comparison(workdirs, out)
+  assert isinstance(raised.value, errors.UserError)
+  for fragment in fragments:
+    assert str(fragment) in str(raised.value), (fragment, str(raised.value))
+  assert not (out / 'comparison.md').exists()
+  return str(raised.value)
+
+
+def test_comparison_refuses_runs_evaluated_on_other_chips(tmp_path):
+  a = _make_workdir(tmp_path, 'rgb', 0, 0.4, dirname='a')[0]
+  fewer = _make_workdir(tmp_path, 'dual', 1, 0.6, dirname='fewer', chips=(40, 0))[0]
+  relabelled = _make_workdir(tmp_path, 'dual', 2, 0.6, dirname='relabelled', chips=(60, 1))[0]
+  out = tmp_path / 'cmp'
+  _refused([a, fewer], out, comparison.ComparisonError, f'{a}: 60 chips', f'{fewer}: 40 chips',
+           'different validation chips', '--mode evaluate')
+  # The same chip names with other labels (another dataset that names its chips alike).
+  _refused([a, relabelled], out, comparison.ComparisonError, f'{a}: 60 chips',
+           f'{relabelled}: 60 chips', 'different validation chips')
+
+
+def _without_predictions(wd, fingerprint):
+  (wd / 'eval' / 'predictions.npz').unlink()
+  if fingerprint:
+    (wd / 'provenance.json').write_text(json.dumps({'dataset': {'fingerprint': fingerprint}}))
+
+
+def test_comparison_without_saved_predictions_compares_dataset_fingerprints(tmp_path):
+  a, b, c = (_make_workdir(tmp_path, m, i, 0.4)[0] for i, m in enumerate(['rgb', 'rgbir', 'dual']))
+  _without_predictions(a, 'kaggle128_val0p33_seed321_aaaa')
+  _without_predictions(b, 'kaggle128_val0p33_seed321_aaaa')
+  assert comparison.write_comparison([a, b], tmp_path / 'same').is_file()
+  _without_predictions(c, 'kaggle128_val0p2_seed0_bbbb')
+  _refused([a, c], tmp_path / 'cmp', comparison.ComparisonError,
+           'dataset kaggle128_val0p33_seed321_aaaa', 'dataset kaggle128_val0p2_seed0_bbbb')
+  (c / 'provenance.json').unlink()  # nothing tells which chips c was evaluated on
+  _refused([a, c], tmp_path / 'cmp', comparison.ComparisonError, f'cannot tell', str(c),
+           f'--mode evaluate --workdir {c}')
+
+
+def test_comparison_refuses_a_workdir_given_twice(tmp_path):
+  a = _make_workdir(tmp_path, 'rgb', 0, 0.4)[0]
+  b = _make_workdir(tmp_path, 'dual', 1, 0.6)[0]
+  _refused([a, b, a], tmp_path / 'cmp', comparison.ComparisonError, f'names {a} twice',
+           'give each workdir once')
+  other_spelling = tmp_path / 'dual' / '..' / 'rgb'
+  _refused([a, other_spelling], tmp_path / 'cmp', comparison.ComparisonError,
+           f'{a} and {other_spelling}, the same directory')
+
+
+def test_comparison_tells_a_missing_workdir_from_an_unevaluated_one(tmp_path):
+  a = _make_workdir(tmp_path, 'rgb', 0, 0.4)[0]
+  typo = tmp_path / 'rbg'
+  message = _refused([a, typo], tmp_path / 'cmp', comparison.WorkdirNotFoundError,
+                     f'workdir {typo} does not exist', 'check the path')
+  assert 'train' not in message.split('(')[0]  # not "train that workdir first"
+  (tmp_path / 'untrained').mkdir()
+  _refused([a, tmp_path / 'untrained'], tmp_path / 'cmp', FileNotFoundError,
+           tmp_path / 'untrained' / 'history.json', 'train that workdir first')
+  _refused([a, a / 'history.json'], tmp_path / 'cmp', comparison.WorkdirNotFoundError,
+           'is a file, not a directory')
+
+
+def test_comparison_refuses_other_tags_and_damaged_metrics(tmp_path):
+  a = _make_workdir(tmp_path, 'rgb', 0, 0.4)[0]
+  b = _make_workdir(tmp_path, 'dual', 1, 0.6)[0]
+  metrics_file = b / 'eval' / 'metrics.json'
+  summary = json.loads(metrics_file.read_text())
+  summary['ap'] = {('blowdown' if t == 'blow_down' else t): v for t, v in summary['ap'].items()}
+  metrics_file.write_text(json.dumps(summary))
+  _refused([a, b], tmp_path / 'cmp', comparison.ComparisonError, metrics_file, 'blowdown',
+           a / 'eval' / 'metrics.json', '--mode evaluate')
+  del summary['f2_tuned']
+  metrics_file.write_text(json.dumps(summary))
+  _refused([a, b], tmp_path / 'cmp', workdir_lib.DamagedRunFileError, metrics_file,
+           "missing keys ['f2_tuned']", f'--mode evaluate --workdir {b}')
+  metrics_file.write_text('[1, 2]')
+  _refused([a, b], tmp_path / 'cmp', workdir_lib.DamagedRunFileError, metrics_file,
+           'not a JSON object')
+  metrics_file.write_text('{"model": ')
+  _refused([a, b], tmp_path / 'cmp', workdir_lib.DamagedRunFileError, f'{metrics_file}:1')

@@ -16,6 +16,7 @@ from rf_jax.configs import rgb
 from rf_jax import checkpoints
 from rf_jax import config_checks
 from rf_jax import parallel
+from rf_jax import provenance
 from rf_jax import steps
 from rf_jax import train
 from rf_jax.models import registry
@@ -207,6 +208,20 @@ def test_a_key_added_since_the_run_counts_as_its_default():
   with pytest.raises(config_checks.ConfigError, match='config.model.width: the run has 64, '
                      'this config has 8'):
     config_checks.check_same_run(saved, config, (), 'the run')
+
+
+def test_a_saved_config_lacking_later_keys_loads_with_their_defaults(tmp_path):
+  """--mode evaluate of a run saved before config.model.width and config.cpu_tuning existed."""
+  saved = rgb.get_config().to_dict()
+  del saved['model']['width'], saved['cpu_tuning']
+  saved['num_epochs'] = 3
+  wd = Workdir(tmp_path)
+  wd.config.write_text(json.dumps(saved))
+  config = provenance.saved_config(wd)
+  assert (config.model.width, config.cpu_tuning, config.num_epochs) == (64, True, 3)
+  config_checks.check(config)
+  with pytest.raises(AttributeError):
+    config.no_such_key = 1  # still locked
 
 
 def test_batch_must_divide_over_devices(monkeypatch):
