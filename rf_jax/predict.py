@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from rf_jax import parallel
+from rf_jax import prefetch
 from rf_jax import steps
 
 # (scores [N, 17], labels [N, 17], mean loss) over every unpadded chip of some batches.
@@ -22,13 +23,22 @@ def predict(runner: parallel.Runner, state: steps.TrainState,
   """Scores, labels and mean loss over every unpadded chip of the global `batches`, in order
   (each process feeds its slice of every batch and gets all of them back)."""
   scores, labels, losses = [], [], []
-  for batch in batches:
-    out = jax.tree.map(np.asarray, runner.get_outputs(runner.eval_step(state,
-                                                                       runner.put_batch(batch))))
+
+  def collect(outputs) -> None:
+    out = jax.tree.map(np.asarray, runner.get_outputs(outputs))
     keep = out['mask'] > 0
     scores.append(out['scores'][keep])
     labels.append(out['labels'][keep])
     losses.append(out['loss'][keep])
+
+  pending = None
+  for placed in prefetch.Prefetched(batches, runner.put_batch):
+    outputs = runner.eval_step(state, placed)  # dispatched: the device starts on it now
+    if pending is not None:
+      collect(pending)  # the previous batch's outputs, read while this one computes
+    pending = outputs
+  if pending is not None:
+    collect(pending)
   return (np.concatenate(scores), np.concatenate(labels),
           float(np.concatenate(losses).astype(np.float64).mean()))
 

@@ -33,6 +33,7 @@ from rf_jax import inputs
 from rf_jax import parallel
 from rf_jax import predict
 from rf_jax import preemption
+from rf_jax import prefetch
 from rf_jax import provenance
 from rf_jax import runner as runner_lib
 from rf_jax import steps
@@ -197,12 +198,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
           'train on.')
     return runner.get_state(state)
   validation = inputs.eval_batches(config, data, 'validation')  # held (cache) for the run
+  train_batches = prefetch.Prefetched(train_iter, runner.put_batch)  # after any set_state
 
   def save(step: int, record=None, scores=None) -> None:
     _check_finite(progress.means()['loss'] if progress.sums else 0.0, step, steps_per_epoch,
                   manager.latest_step(), manager.directory)  # never save a non-finite state
     checkpoints.save(manager, step, state=jax.device_get(runner.get_state(state)),
-                     data_state=train_iter.get_state(), progress=progress.to_json(),
+                     data_state=train_batches.get_state(), progress=progress.to_json(),
                      config=config, record=record, val_scores=scores)
 
   writer = history.summary_writer(wd.tensorboard) if is_chief else None
@@ -215,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data=None,
     for step in range(start + 1, total_steps + 1):
       epoch = (step - 1) // steps_per_epoch
       bar.set_description(f'epoch {epoch + 1}/{config.num_epochs}', refresh=False)
-      state, metrics = runner.train_step(state, runner.put_batch(next(train_iter)))
+      state, metrics = runner.train_step(state, next(train_batches))
       progress = progress.add(metrics)
       bar.update()
       epoch_end = step % steps_per_epoch == 0
