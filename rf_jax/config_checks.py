@@ -84,6 +84,9 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
   if not isinstance(_get(config, 'cpu_tuning'), bool):
     raise ConfigError(f'config.cpu_tuning={config.cpu_tuning!r} must be True or False.')
+  if not isinstance(_get(config, 'compilation_cache'), str):
+    raise ConfigError(f'config.compilation_cache={config.compilation_cache!r} must be a '
+                      "directory, or '' for no compilation cache.")
   if not 0 < config.data.val_fraction < 1:
     raise ConfigError(f'config.data.val_fraction={config.data.val_fraction!r} must be '
                       'strictly between 0 and 1.')
@@ -97,9 +100,10 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 # Keys a run may change between invocations without changing what was trained or evaluated.
-# cpu_tuning changes the last bits only, as another machine does.
+# cpu_tuning changes the last bits only, as another machine does; a program loaded from the
+# compilation cache is the one compiled.
 _FREE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'data.raw_dir', 'data.prepared_dir',
-              'eval.', 'cpu_tuning')
+              'eval.', 'cpu_tuning', 'compilation_cache')
 # Keys that may change with --allow_config_change (the change is recorded in history.json).
 CHANGEABLE_KEYS = ('num_epochs',)
 

@@ -29,6 +29,7 @@ import jax
 from ml_collections import config_flags
 
 from rf_jax import comparison
+from rf_jax import compilation
 from rf_jax import config_checks
 from rf_jax import evaluate
 from rf_jax import export
@@ -164,6 +165,7 @@ def main(argv):
     config = FLAGS.config if FLAGS.config is not None else provenance.saved_config(wd)
     config = config_checks.with_expanded_paths(config)
     config_checks.check(config)  # a refused config creates no workdir
+    compilation.configure(config)  # before anything compiles: JAX opens its cache once
     if config.cpu_tuning:  # before JAX starts its backend, which reads XLA_FLAGS once
       xla_cpu.set_default_flags()
     _initialise_processes()
@@ -174,7 +176,8 @@ def main(argv):
     holds = jax.process_index() == 0 and not (
         FLAGS.mode == 'export' or (FLAGS.mode == 'predict' and FLAGS.chips))
     with (workdir_lib.locked(wd) if holds else contextlib.nullcontext(),
-          workdir_lib.logged_output(wd) if holds else contextlib.nullcontext()):
+          workdir_lib.logged_output(wd) if holds else contextlib.nullcontext(),
+          compilation.reported()):  # its line closes the mode's output (and log.txt)
       run(FLAGS.mode, config, workdir, tuple(FLAGS.allow_config_change), _path(FLAGS.chips),
           _path(FLAGS.output))
 

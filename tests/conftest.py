@@ -16,18 +16,19 @@ import tempfile
 
 import pytest
 
-from rf_jax import xla_cpu
+# One persistent XLA compilation cache for the session, shared with the child
+# processes the tests start (they inherit the environment): every train_and_evaluate
+# builds fresh jitted steps, and on 2 cores a ResNet-18 compile costs 20-40 s. Set before
+# anything imports jax, which reads these variables once, at its import.
+_JIT_CACHE = tempfile.mkdtemp(prefix='rf_jax_test_jit_cache_')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _JIT_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+
+from rf_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The XLA:CPU flags training runs with (config.cpu_tuning's default), before any test creates
 # JAX's backend; the processes the tests start inherit them.
 xla_cpu.set_default_flags()
-
-# One persistent XLA compilation cache for the session, shared with the child
-# processes the tests start (they inherit the environment): every train_and_evaluate
-# builds fresh jitted steps, and on 2 cores a ResNet-18 compile costs 20-40 s.
-_JIT_CACHE = tempfile.mkdtemp(prefix='rf_jax_test_jit_cache_')
-os.environ['JAX_COMPILATION_CACHE_DIR'] = _JIT_CACHE
-os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -64,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   # max-pool, models/registry.tuned_ops). Applies only when JAX's backend is CPU; False runs
   # the plain lax model there too (e.g. for jax.jvp, which the tuned convolution lacks).
   config.cpu_tuning = True
+  # XLA's compiled programs kept on disk (rf_jax/compilation.py): a later invocation (resume,
+  # evaluate, predict) loads them instead of compiling again. '' = no cache; `~` is expanded when
+  # used (a saved config.json serves every user); JAX_COMPILATION_CACHE_DIR, if set, wins.
+  config.compilation_cache = '~/.cache/rf_jax/xla'
 
   config.checkpoint_every_steps = 0  # 0 = at the end of every epoch only
   config.log_every_steps = 10  # progress bar and non-finite-loss check
