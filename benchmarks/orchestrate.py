@@ -99,10 +99,15 @@ def _report(settings: common.Settings) -> dict:
 
 def _progress(round_: int, variant: str, side: str, result: dict,
               settings: common.Settings) -> str:
+  if 'train' not in result:
+    return (f'round {round_} {variant:5s} {side:20s} torch.compile failed: '
+            f'{result.get("compile_error")}')
   train = result['train']
   line = (f'round {round_} {variant:5s} {side:20s} train '
           f'{settings.batch / train["median_s"]:7.1f} img/s '
           f'(first call {train["first_call_s"]:.1f} s)')
+  if 'host_input_share' in train:
+    line += f', host input {train["host_input_share"]:.1%} of the step'
   if 'eval' in result:
     line += f', eval {settings.eval_batch / result["eval"]["median_s"]:7.1f} img/s'
   return line + (f', peak RSS train {result["rss_peak_train_mb"]:.0f} MB, '
@@ -112,33 +117,68 @@ def _progress(round_: int, variant: str, side: str, result: dict,
 def run_rounds(settings: common.Settings) -> tuple[dict, list[str]]:
   """Every (variant, side) run, rounds outermost: r1 rgb rf_jax, r1 rgb torch, ..., r2 ...
 
-  Returns the runs by (variant, side) and the order they ran in.
+  The torch.compile side (summary.COMPILED, the reference layout) runs after the eager ones
+  with --torch-compile yes, or (auto) once the first PyTorch run found CUDA; after a failed
+  compile it is not tried again. Returns the runs by (variant, side) and the order they ran in.
   """
   jobs = []
   if 'jax' in settings.frameworks:
     jobs.append(('rf_jax', 'jax_child', {}))
+  compiled = (summary.COMPILED, 'torch_child',
+              {'layout': settings.torch_layouts[0], 'compiled': True})
   if 'torch' in settings.frameworks:
     jobs += [(f'torch_{layout}', 'torch_child', {'layout': layout})
              for layout in settings.torch_layouts]
+    if settings.torch_compile == 'yes':
+      jobs.append(compiled)
   runs, order = {}, []
   for round_ in range(1, settings.rounds + 1):
     for variant in settings.variant:
-      for side, module, args in jobs:
+      i = 0
+      while i < len(jobs):  # jobs may grow (the compiled side) or shrink (its failure)
+        side, module, args = jobs[i]
+        i += 1
         result = spawn(module, settings, variant=variant, **args)
         runs.setdefault((variant, side), []).append(result)
         order.append(f'r{round_} {variant} {side}')
         print(_progress(round_, variant, side, result, settings), flush=True)
+        if (module == 'torch_child' and settings.torch_compile == 'auto'
+            and compiled not in jobs and not any(k[1] == summary.COMPILED for k in runs)
+            and result['device'].startswith('cuda')):
+          jobs.append(compiled)
+        if side == summary.COMPILED and 'compile_error' in result:
+          jobs.remove(compiled)
+          i -= 1
   return runs, order
 
 
+def _one_batch(settings: common.Settings) -> dict:
+  """The A/B comparison at `settings.batch`: its runs, figures, tables and GPU targets."""
+  runs, order = run_rounds(settings)
+  results = summary.summarise(runs, settings)
+  found = summary.targets(results, settings)
+  return {'order': order, 'results': results, 'targets': found,
+          'runs': {f'{variant}/{side}': r for (variant, side), r in runs.items()},
+          'table': '\n\n'.join((summary.table(results, settings),
+                                 summary.per_side_table(results, settings),
+                                 summary.describe_targets(found)))}
+
+
 def benchmark(settings: common.Settings) -> dict:
-  """The A/B comparison, then the input pipeline against the rf_jax train step's demand."""
+  """The A/B comparison at each train batch (--batch-sizes), then the input pipeline against
+  the rf_jax train step's demand at the first."""
   report = _report(settings)
   started = time.perf_counter()
-  runs, report['order'] = run_rounds(settings)
-  report['results'] = summary.summarise(runs, settings)
-  report['runs'] = {f'{variant}/{side}': r for (variant, side), r in runs.items()}
-  report['table'] = summary.table(report['results'], settings)
+  sizes = common.batch_sizes(settings)
+  by_batch = {}
+  for batch in sizes:
+    by_batch[str(batch)] = _one_batch(dataclasses.replace(settings, batch=batch))
+  report.update({k: by_batch[str(settings.batch)][k]
+                 for k in ('order', 'results', 'runs', 'targets', 'table')})
+  if len(sizes) > 1:
+    report['by_batch'] = by_batch
+    report['table'] = '\n\n'.join(f'**Train batch {batch}**\n\n{by_batch[str(batch)]["table"]}'
+                                   for batch in sizes)
   if settings.pipeline_seconds > 0:
     demand = [row['rf_jax']['train']['images_per_s'] / settings.batch
               for row in report['results'].values() if row.get('rf_jax', {}).get('train')]

@@ -130,7 +130,8 @@ def check_backend() -> None:
     platforms = os.environ.get('JAX_PLATFORMS', '')
     _fail(f'JAX could not start the {platforms or "default"} backend ({str(e).strip() or type(e).__name__}): '
           f'{"unset JAX_PLATFORMS or " if platforms else ""}install the jax build for this '
-          'accelerator (e.g. pip install "jax[cuda12]"), or set JAX_PLATFORMS=cpu.')
+          'accelerator (e.g. pip install -U "jax[cuda13]" for an NVIDIA driver >= 580, '
+          '"jax[cuda12]" for 525-579), or set JAX_PLATFORMS=cpu.')
 
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / 'configs'

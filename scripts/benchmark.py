@@ -5,7 +5,8 @@ One process per framework run, the frameworks alternating A B A B over `--rounds
   python scripts/benchmark.py                      # full: 256 px, batch 16/64, fp32
   python scripts/benchmark.py --quick              # smoke test, < 2 minutes
   python scripts/benchmark.py --variant dual --steps 8 --json out.json
-  python scripts/benchmark.py --dtype bfloat16     # on a GPU (both sides autocast/bf16)
+  python scripts/benchmark.py --batch-sizes 16,256 --steps 20   # on a GPU: chips fed, bf16
+  python scripts/benchmark.py --feed chips --dtype float32   # the GPU feeding path on the CPU
   python scripts/benchmark.py --conv-profile       # each ResNet-18 conv shape alone
   python scripts/benchmark.py --pipeline-only --workers 0   # host CPU ms per chip
   python scripts/benchmark.py --profile            # train step ms per op kind, both sides
@@ -34,9 +35,21 @@ _SETTINGS = {
     'variant': flags.DEFINE_list('variant', None, 'comma list of rgb,rgbir,dual (default all)'),
     'batch': flags.DEFINE_integer('batch', None, 'train batch (16; --quick 8)'),
     'eval_batch': flags.DEFINE_integer('eval-batch', None, 'eval batch (64; --quick 16)'),
-    'size': flags.DEFINE_integer('size', None, 'image side in px (256; --quick 128)'),
-    'dtype': flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
-                               'compute dtype: rf_jax model dtype, torch autocast (float32)'),
+    'size': flags.DEFINE_integer('size', None, 'image side in px (256; --quick 128); the '
+                                 "chips' side with --feed chips, the input 224/256 of it"),
+    'dtype': flags.DEFINE_enum('dtype', None, list(common.DTYPES),
+                               'compute dtype: rf_jax model dtype, torch autocast (auto: '
+                               'bfloat16 on a GPU, float32 on the CPU)'),
+    'feed': flags.DEFINE_enum(
+        'feed', None, list(common.FEEDS),
+        'ready: the float32 model input uploaded inside each step; chips: uint16 chips as '
+        'stored, the input made in the step, 2 batches placed on the device ahead (auto: '
+        'chips on a GPU, ready on the CPU)'),
+    'batch_sizes': flags.DEFINE_list(
+        'batch-sizes', None, 'train batches measured in turn, e.g. 16,256 (instead of --batch)'),
+    'torch_compile': flags.DEFINE_enum(
+        'torch-compile', None, list(common.TORCH_COMPILE),
+        'also time PyTorch under torch.compile (auto: on CUDA only; a failure is reported)'),
     'steps': flags.DEFINE_integer('steps', None, 'timed train steps per run (4; --quick 2)'),
     'eval_steps': flags.DEFINE_integer('eval-steps', None, 'timed eval steps per run (2)'),
     'warmup': flags.DEFINE_integer('warmup', None, 'untimed steps after the first call (1)'),
@@ -89,8 +102,12 @@ def _print_header(report: dict, settings: common.Settings) -> None:
   print(f'\n{report["date"]}  load {report["load_before"]} -> {report.get("load_after")}  '
         f'{report["machine"]["cores"]} cores  '
         + '  '.join(f'{k} {v}' for k, v in report['versions'].items() if v))
-  print(f'size {settings.size}, batch {settings.batch} train / {settings.eval_batch} eval, '
-        f'{settings.dtype}, {settings.steps} train / {settings.eval_steps} eval timed steps x '
+  fed = sorted({f'{r.get("feed", "ready")} feed {r.get("dtype", settings.dtype)}'
+                for runs in report['runs'].values() for r in runs})
+  batches = ','.join(map(str, common.batch_sizes(settings)))
+  print(f'size {settings.size}, batch {batches} train / {settings.eval_batch} eval, '
+        f'{" / ".join(fed) or settings.dtype}, {settings.steps} train / '
+        f'{settings.eval_steps} eval timed steps x '
         f'{settings.rounds} rounds; torch threads {common.cores()}; '
         f'LD_PRELOAD {settings.preload or "none"}; wall {report.get("wall_s", 0):.0f} s')
 

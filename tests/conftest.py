@@ -43,10 +43,11 @@ def pytest_sessionfinish(session, exitstatus):
 # first (measured per file on 2 cores, `--durations=0`), so the other worker is not left alone
 # with one at the end; the rest keep their order. pytest-xdist would otherwise queue the groups
 # by their number of tests: pyproject.toml's addopts turn that off (--no-loadscope-reorder).
-_GROUPS = {'test_multihost': 'processes', 'test_kill_restart': 'processes'}
+_GROUPS = {'test_multihost': 'processes', 'test_kill_restart': 'processes',
+           'test_device_check': 'processes'}
 # Queued alternately to the two workers: the groups that start processes of their own
 # ('processes', test_bad_inputs) each beside in-process ones (test_train, test_train_fidelity).
-_SLOWEST_FIRST = ('test_multihost', 'test_kill_restart', 'test_train', 'test_bad_inputs',
+_SLOWEST_FIRST = ('test_multihost', 'test_kill_restart', 'test_device_check', 'test_train', 'test_bad_inputs',
                   'test_train_fidelity', 'test_fusion', 'test_evaluate', 'test_benchmark',
                   'test_resnet', 'test_device_cache', 'test_data_prepare', 'test_augment',
                   'test_op_profile')
