@@ -37,10 +37,6 @@ class OutputExistsError(errors.UserError, FileExistsError):
   """The predictions file to write exists already (a second run would silently replace it)."""
 
 
-class OutputDirError(errors.UserError, OSError):
-  """The directory of the predictions file cannot be written."""
-
-
 def _is_chip(path: pathlib.Path) -> bool:
   return path.suffix.lower() in CHIP_SUFFIXES and path.is_file()
 
@@ -122,12 +118,8 @@ def predict_chips(config: ml_collections.ConfigDict, workdir, pattern: str,
     raise OutputExistsError(
         f'{output} exists already: give --output OTHER.csv for these chips\' scores, or '
         'delete it to replace it.')
-  try:
-    workdir_lib.probe_writable(output.parent)
-  except OSError as e:
-    raise OutputDirError(f'{output.parent}: cannot write {output.name} there '
-                         f'({e.strerror or e}): give --output DIR/NAME.csv in a directory you '
-                         'can write.') from None
+  workdir_lib.check_output_dir(output.parent, output.name,
+                               'give --output DIR/NAME.csv in a directory you can write.')
   paths = chip_paths(pattern)
   state, restored = evaluate.restore_model(config, wd)
   thresholds = submission.tuned_thresholds(wd, restored.step)

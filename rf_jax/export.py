@@ -17,7 +17,6 @@ import numpy as np
 
 from rf_jax import checkpoints
 from rf_jax import config_checks
-from rf_jax import errors
 from rf_jax import evaluate
 from rf_jax import provenance
 from rf_jax import workdir as workdir_lib
@@ -25,20 +24,6 @@ from rf_jax.data import planet
 from rf_jax.models import registry
 
 FORMAT = 'rf_jax.export/1'
-
-
-class ExportDirError(errors.UserError, OSError):
-  """The directory to export into cannot be created or written."""
-
-
-def _writable_dir(path: pathlib.Path) -> None:
-  """Creates `path` and writes a probe file in it; the run's workdir itself may be read-only
-  (a shared or archived run), and the fix is then another output directory, not another run."""
-  try:
-    workdir_lib.probe_writable(path)
-  except OSError as e:
-    raise ExportDirError(f'{path}: cannot write the export there ({e.strerror or e}): give '
-                         '--output DIR, a directory you can write.') from None
 
 
 def export_metadata(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir,
@@ -69,7 +54,8 @@ def export(config: ml_collections.ConfigDict, workdir, output=None) -> list[path
   config_checks.check(config)
   wd = workdir_lib.Workdir(workdir)
   output = wd.export_dir if output is None else pathlib.Path(output).expanduser()
-  _writable_dir(output)  # before the checkpoint is restored
+  workdir_lib.check_output_dir(output, 'the export',  # before the checkpoint is restored
+                               'give --output DIR, a directory you can write.')
   state, restored = evaluate.restore_model(config, wd)
   meta = export_metadata(config, wd, restored.step)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}

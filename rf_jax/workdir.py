@@ -110,6 +110,20 @@ def probe_writable(directory: pathlib.Path) -> None:
     pass
 
 
+class OutputDirError(errors.UserError, OSError):
+  """A directory to write an output into (--output) cannot be created or written."""
+
+
+def check_output_dir(directory: pathlib.Path, what: str, fix: str) -> None:
+  """`probe_writable`, its failure an OutputDirError naming `directory` and `fix`: the run's
+  workdir may be read-only (shared, archived), and the fix is then another --output."""
+  try:
+    probe_writable(directory)
+  except OSError as e:
+    raise OutputDirError(f'{directory}: cannot write {what} there ({e.strerror or e}): '
+                         f'{fix}') from None
+
+
 @contextlib.contextmanager
 def locked(wd: Workdir):
   """Holds the workdir for this process: a second process is refused with the holder's pid.

@@ -12,6 +12,7 @@ from rf_jax import errors
 from rf_jax import export
 from rf_jax import submission
 from rf_jax.data import planet
+from rf_jax import workdir as workdir_lib
 from rf_jax.workdir import Workdir
 from tiny_configs import tiny
 
@@ -115,7 +116,7 @@ def test_predict_chips_never_replaces_a_predictions_file(untrained, tmp_path):
 
 
 def _export_refused(config, workdir, output, named):
-  with pytest.raises(export.ExportDirError) as raised:  # before the model work
+  with pytest.raises(workdir_lib.OutputDirError) as raised:  # before the model work
     export.export(config, workdir, output=output)
   assert isinstance(raised.value, errors.UserError) and isinstance(raised.value, OSError)
   assert str(raised.value).startswith(f'{named}: cannot write the export there')
