@@ -296,7 +296,7 @@ resume_check() {
   start=$(date +%s)
   "${cmd[@]}" > "$OUT/logs/resume_sigterm.log" 2>&1 &
   pid=$!
-  # SIGTERM once the first epoch is in history.json (the run is then in its second epoch)
+  # SIGTERM once the first epoch is in history.json (the run then saves at that step or later)
   while kill -0 "$pid" 2>/dev/null; do
     epochs=$(grep -c '"epoch": ' "$wd/history.json" 2>/dev/null || true)
     if ((${epochs:-0} >= 1)); then

@@ -92,8 +92,10 @@ def test_sigterm_then_rerun_resumes(dry_run):
   _, out, _ = dry_run
   resume = json.loads((out / 'summary.json').read_text())['resume']
   assert resume['saved_step'] == resume['resumed_step']
-  # stopped after the first epoch was written, before the last step
-  assert STEPS_PER_EPOCH < resume['saved_step'] < RESUME_EPOCHS * STEPS_PER_EPOCH, resume
+  # Stopped after the first epoch was written, before the last step. The signal may land
+  # between the epoch's history.json write and that step's stop check: a stop at the epoch's
+  # own step is then right.
+  assert STEPS_PER_EPOCH <= resume['saved_step'] < RESUME_EPOCHS * STEPS_PER_EPOCH, resume
   stopped = (out / 'logs' / 'resume_sigterm.log').read_text()
   assert f'SIGTERM received: saved step {resume["saved_step"]}' in stopped
   rerun = (out / 'logs' / 'resume_rerun.log').read_text()
