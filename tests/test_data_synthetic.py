@@ -1,5 +1,6 @@
 """rf_jax.data.synthetic: layout, tags, determinism, tag-dependent content."""
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_kaggle_layout_and_tags(synthetic_kaggle_dir):
                       extrasamples=(tifffile.EXTRASAMPLE.UNASSALPHA,),
                       samples=4)
   assert sorted(p.name for p in (d / 'test-tif-v2').iterdir()) == sorted(
-      f'test_{i}.tif' for i in range(7))
+      f'{n}.tif' for n in synthetic.test_names(7))
 
 
 def test_tags_like_real(real_planet_dir, synthetic_kaggle_dir):
@@ -133,15 +134,59 @@ def test_labels_from_csv_keep_real_rows(real_planet_dir):
   assert all(r.tobytes() in real_rows for r in rows)
 
 
-def test_builtin_frequencies_match_real():
-  labels = synthetic.sample_labels(40000, np.random.default_rng(0))
-  freq = labels.mean(0)
-  for tag, count in synthetic.REAL_TAG_COUNTS.items():
-    want = count / synthetic.REAL_NUM_CHIPS
-    assert abs(freq[planet.TAG_INDEX[tag]] - want) < 0.01 + 0.1 * want, tag
-  assert (labels[:, :4].sum(1) == 1).all()
-  cloudy = labels[:, planet.TAG_INDEX['cloudy']] == 1
-  assert (labels[cloudy].sum(1) == 1).all()
+def test_builtin_labels_are_the_real_tag_combinations(real_planet_dir):
+  """At the real size the labels are the real file's rows (as a multiset) exactly; a smaller
+  dataset draws them without replacement."""
+  _, real = planet.read_labels(real_planet_dir / 'train_v2.csv')
+  labels = synthetic.sample_labels(len(real), np.random.default_rng(0))
+  count = lambda rows: collections.Counter(map(bytes, rows.astype(np.uint8)))
+  assert count(labels) == count(real)
+  assert not np.array_equal(labels, real)  # a seeded order, not the file's
+  sample = synthetic.sample_labels(10000, np.random.default_rng(1))
+  assert set(count(sample)) <= set(count(real))
+  want = real.mean(0)
+  assert np.abs(sample.mean(0) - want).max() < 0.015
+  beyond = synthetic.sample_labels(len(real) + 7, np.random.default_rng(2))
+  assert count(beyond[:len(real)]) == count(real)
+
+
+def test_test_names_and_threads(tmp_path, monkeypatch):
+  """Test chips are named as Kaggle's (test_*, then file_* renamed by a mapping file), and the
+  bytes do not depend on how many threads write them."""
+  names = synthetic.test_names(61191)
+  assert names[40668:40670] == ['test_40668', 'file_0'] and names[-1] == 'file_20521'
+  assert synthetic.test_names(5) == [f'test_{i}' for i in range(5)]
+  # file_* chips after 3 test_* chips, as a dataset larger than Kaggle's 40,669 test_* has
+  monkeypatch.setattr(synthetic, 'REAL_TEST_PREFIXES', (('test', 3), ('file', 20522)))
+  one = synthetic.write_dataset(tmp_path / 'one', 70, 16, seed=2, num_test=40, threads=1)
+  two = synthetic.write_dataset(tmp_path / 'two', 70, 16, seed=2, num_test=40, threads=2)
+  files = sorted(p.relative_to(one) for p in one.rglob('*') if p.is_file())
+  assert files == sorted(p.relative_to(two) for p in two.rglob('*') if p.is_file())
+  assert len(files) == 1 + 70 + 1 + 40 + 1  # labels, chips, mapping, test chips, spec
+  for rel in files:
+    assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+  tests = sorted(p.stem for p in (one / 'test-tif-v2').iterdir())
+  assert tests == sorted(synthetic.test_names(40)) and 'file_36' in tests
+  mapping = planet.read_test_mapping(one / planet.TEST_MAPPING_FILE)
+  assert sorted(mapping) == sorted(n for n in tests if n.startswith('file_'))
+  assert sum(k != v for k, v in mapping.items()) == 3  # a tenth of the 37 moved
+
+
+def test_weather_tags_overlap():
+  """The faintest haze is fainter than the thickest haze a clear chip carries, and partly
+  cloudy covers as much cloud as the least cloudy of the cloudy chips: weather is not
+  separable from one band mean, as in the real data."""
+  rng = np.random.default_rng(0)
+  noise = synthetic._noise_tiles(32, rng)
+  means = {}
+  for tag in ('clear', 'haze', 'partly_cloudy', 'cloudy'):
+    row = np.zeros((400, planet.NUM_TAGS), np.float32)
+    row[:, [planet.TAG_INDEX[tag], planet.TAG_INDEX['primary']]] = 1
+    means[tag] = synthetic.render_chips(row, 32, rng, noise)[..., 1].mean((1, 2))
+  assert means['haze'].min() < means['clear'].max()
+  assert means['cloudy'].min() < means['partly_cloudy'].max()
+  assert np.median(means['haze']) > np.median(means['clear'])
+  assert np.median(means['cloudy']) > np.median(means['partly_cloudy'])
 
 
 def _render(tags, seed=0, size=32):

@@ -130,6 +130,8 @@ def read_labels(csv_path) -> tuple[list[str], np.ndarray]:
 
 
 TEST_MAPPING_HEADER = ('old', 'new')
+# Kaggle's renaming of the test-tif-v2 TIFs, beside the label file.
+TEST_MAPPING_FILE = 'test_v2_file_mapping.csv'
 
 
 def read_test_mapping(csv_path) -> dict[str, str]:

@@ -23,7 +23,7 @@ from rf_jax.data.tfds_planet import chips
 from rf_jax.data.tfds_planet import planet_amazon
 
 TEST_DIR = 'test-tif-v2'
-TEST_MAPPING_FILE = 'test_v2_file_mapping.csv'
+TEST_MAPPING_FILE = planet.TEST_MAPPING_FILE
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
