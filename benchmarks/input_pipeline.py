@@ -182,7 +182,7 @@ def _raw(data, settings: common.Settings, train: bool, cache: str) -> Callable[[
   from rf_jax import parallel  # pylint: disable=g-import-not-at-top
   from rf_jax import runner as runner_lib  # pylint: disable=g-import-not-at-top
   from rf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  runner = runner_lib.create_runner('jit', flips=False)  # nothing compiled: only its put_batch
+  runner = runner_lib.create_runner('jit', tta='none')  # nothing compiled: only its put_batch
   args = dict(cache=cache, threads=0, to_device=parallel.replicate)
   if train:
     loader = pipeline.train_loader(data, batch_size=settings.batch, seed=common.SEED, **args)
@@ -248,7 +248,7 @@ def augmentation_step_cost(data, settings: common.Settings) -> dict:
            'labels': raw['labels']}
   runs = {}
   for name, preprocess, batch in (('in_step', p, raw), ('ready_input', None, ready)):
-    runner = runner_lib.create_runner('jit', flips=False, preprocess=preprocess)
+    runner = runner_lib.create_runner('jit', tta='none', preprocess=preprocess)
     state = runner.put_state(steps.create_train_state(variables, model, optax.sgd(1e-3)))
     runs[name] = {'runner': runner, 'state': state, 'batch': runner.put_batch(batch), 's': []}
   for round_ in range(max(settings.rounds, 2) + 1):  # round 0 compiles

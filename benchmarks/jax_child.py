@@ -122,7 +122,7 @@ def run(settings: common.Settings, variant: str) -> dict:
   feed, dtype = common.resolve(settings, _accelerator())
   size = common.input_size(settings) if feed == 'chips' else settings.size
   runner = runner_lib.create_runner(
-      'jit', flips=False, preprocess=preprocess(variant, settings, dtype) if feed == 'chips'
+      'jit', tta='none', preprocess=preprocess(variant, settings, dtype) if feed == 'chips'
       else None)
   holder = {'state': runner.put_state(train_state(variant, settings, dtype, size))}
   device = jax.devices()[0]

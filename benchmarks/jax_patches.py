@@ -45,8 +45,8 @@ def _patch_eval_without_loss() -> None:
   from rf_jax import steps  # pylint: disable=g-import-not-at-top
   full = steps.eval_step
 
-  def eval_step(state, batch, flips=False):
-    return {'scores': full(state, batch, flips)['scores']}
+  def eval_step(state, batch, tta='none'):
+    return {'scores': full(state, batch, tta)['scores']}
 
   steps.eval_step = eval_step
 

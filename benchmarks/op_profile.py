@@ -148,7 +148,7 @@ def _jax(settings: common.Settings, variant: str) -> dict:
   from rf_jax import runner as runner_lib  # pylint: disable=g-import-not-at-top
   from benchmarks import jax_child  # pylint: disable=g-import-not-at-top
   from rf_jax.models import registry  # pylint: disable=g-import-not-at-top
-  runner = runner_lib.create_runner('jit', flips=False)
+  runner = runner_lib.create_runner('jit', tta='none')
   state = runner.put_state(jax_child.train_state(variant, settings))
   channels = len(registry.input_bands(variant))
   batch = runner.put_batch(common.random_batches(1, settings.batch, settings.size, channels)[0])

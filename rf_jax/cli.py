@@ -19,6 +19,7 @@ from absl import flags
 import jax
 
 from rf_jax import checkpoints
+from rf_jax import config_checks
 from rf_jax import errors
 from rf_jax import preemption
 from rf_jax import provenance
@@ -252,7 +253,13 @@ def _parse_error(error: Exception, argv, flag_values) -> str:
     return f'{message}.{hint}'
   if isinstance(error, (AttributeError, KeyError)):  # an override of a key the config lacks
     missing, suggestion = missing_config_key(error)
-    return (f'{_config_arg(argv, missing)}: the config has no key {missing!r}'
+    arg = _config_arg(argv, missing)
+    key = arg.removeprefix('--config.').split('=', 1)[0]
+    if key in config_checks.RENAMED_KEYS:
+      now, example = config_checks.RENAMED_KEYS[key]
+      return (f'{arg}: config.{key} is now config.{now}, e.g. --config.{now}={example}; every '
+              'key is in configs/default.py.')
+    return (f'{arg}: the config has no key {missing!r}'
             f'{f" (did you mean {suggestion!r}?)" if suggestion else ""}; every key is in '
             'configs/default.py, e.g. --config.data.crop_size=224.')
   raise error

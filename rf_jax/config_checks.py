@@ -14,6 +14,7 @@ from rf_jax import augment
 from rf_jax import checkpoints
 from rf_jax import errors
 from rf_jax import parallel
+from rf_jax import steps
 from rf_jax.configs import default
 from rf_jax.data import pipeline
 from rf_jax.data import planet
@@ -34,6 +35,7 @@ _CHOICES = {
     'data.normalisation': augment.NORMALISATIONS,
     'data.cache': pipeline.CACHES,
     'eval.select_by': tuple(checkpoints.SELECT_BY),
+    'eval.tta': steps.TTA_CHOICES,
     'dtype': DTYPES,
     'parallel': parallel.KINDS,
 }
@@ -42,7 +44,7 @@ _POSITIVE = ('model.width', 'optim.lr', 'optim.decay_epochs', 'optim.decay_rate'
              'log_every_steps')
 _NON_NEGATIVE = ('optim.momentum', 'data.num_workers',
                  'data.synthetic.num_chips', 'data.synthetic.num_test',
-                 'checkpoint_every_steps', 'eval.top_n')
+                 'checkpoint_every_steps', 'eval.top_n', 'compare.seed')
 
 
 # The keys that hold a path: `~` in them is the home directory, as in every path flag.
@@ -82,6 +84,15 @@ def check(config: ml_collections.ConfigDict) -> None:
   for key in _NON_NEGATIVE:
     if _get(config, key) < 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
+  if not (isinstance(_get(config, 'compare.resamples'), int)
+          and config.compare.resamples >= 100):
+    raise ConfigError(f'config.compare.resamples={config.compare.resamples!r} must be an '
+                      'integer >= 100 (fewer give percentile intervals too coarse to read; '
+                      '2000 is the default).')
+  if not (isinstance(_get(config, 'eval.crossfit_folds'), int)
+          and config.eval.crossfit_folds >= 2):
+    raise ConfigError(f'config.eval.crossfit_folds={config.eval.crossfit_folds!r} must be an '
+                      'integer >= 2 (thresholds tuned on k - 1 folds, scored on the held one).')
   if not isinstance(_get(config, 'cpu_tuning'), bool):
     raise ConfigError(f'config.cpu_tuning={config.cpu_tuning!r} must be True or False.')
   if not isinstance(_get(config, 'compilation_cache'), str):
@@ -103,7 +114,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 # cpu_tuning changes the last bits only, as another machine does; a program loaded from the
 # compilation cache is the one compiled.
 _FREE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'data.raw_dir', 'data.prepared_dir',
-              'eval.', 'cpu_tuning', 'compilation_cache')
+              'eval.', 'compare.', 'cpu_tuning', 'compilation_cache')
 # Keys that may change with --allow_config_change (the change is recorded in history.json).
 CHANGEABLE_KEYS = ('num_epochs',)
 
@@ -118,16 +129,32 @@ def _flat(tree: dict, prefix: str = '') -> dict:
   return out
 
 
+# Keys an earlier rf_jax had: {old key: (the key now, a value to give it)}. A saved config.json
+# is read with the new names (`_renamed`); the command line names the new key (cli.py).
+RENAMED_KEYS = {'eval.flips': ('eval.tta', 'flip')}
+
+
+def _renamed(saved: dict) -> dict:
+  """A saved config with the keys an earlier rf_jax spelled otherwise under their new names:
+  eval.flips (a bool) is eval.tta 'flip' or 'none'."""
+  section = saved.get('eval')
+  if not (isinstance(section, dict) and 'flips' in section):
+    return saved
+  section = dict(section)
+  section.setdefault('tta', 'flip' if section.pop('flips') else 'none')
+  return {**saved, 'eval': section}
+
+
 def with_defaults(saved: dict) -> dict:
   """A saved run's config with the keys it lacks at configs/default.py's values: such a key was
-  added by a later rf_jax, and its default is what the run did."""
+  added by a later rf_jax, and its default is what the run did (a renamed key: `_renamed`)."""
   def merged(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
       both = isinstance(value, dict) and isinstance(base.get(key), dict)
       out[key] = merged(base[key], value) if both else value
     return out
-  return merged(default.get_config().to_dict(), saved)
+  return merged(default.get_config().to_dict(), _renamed(saved))
 
 
 def changed_keys(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:

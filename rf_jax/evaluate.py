@@ -74,7 +74,7 @@ def make_predict_fn(config: ml_collections.ConfigDict, data, state: steps.TrainS
   model, over all devices, the chips preprocessed as in training. `runner`: the run's steps
   when the caller already built them (runner.for_config)."""
   if runner is None or runner_lib.layout(config) == 'pmap':  # evaluation lays out with jit
-    runner = runner_lib.create_runner('jit', flips=config.eval.flips,
+    runner = runner_lib.create_runner('jit', tta=config.eval.tta,
                                       preprocess=inputs.preprocess(config, data))
   return predict.predict_fn(runner, state)
 
@@ -92,14 +92,30 @@ def _history_value(wd: workdir_lib.Workdir, step: int, select_by: str) -> float 
   return next((r[key] for r in history.read(wd.history)['epochs'] if r['step'] == step), None)
 
 
+def _tta_of(predictions: dict) -> str:
+  """The eval.tta saved predictions were made with (a file from before the key: 'none')."""
+  return str(predictions.get('tta', 'none'))
+
+
+def _trained_tta(restored: checkpoints.Restored) -> str:
+  """The eval.tta of the scores saved with a checkpoint at training."""
+  return config_checks.with_defaults(restored.config)['eval']['tta']
+
+
 def _check_reproduction(restored: checkpoints.Restored, current: dict,
                         previous: dict | None) -> dict | None:
-  """Compares with the training-time scores of that epoch, else with saved predictions."""
-  if restored.val_scores is not None:
+  """Compares with the training-time scores of that epoch, else with saved predictions, made
+  with the same test-time augmentation (another one scores differently by design)."""
+  tta = str(current['tta'])
+  if restored.val_scores is not None and _trained_tta(restored) == tta:
     reference, against = restored.val_scores, 'the scores saved with the checkpoint at training'
-  elif previous is not None and int(previous.get('step', -1)) == restored.step:
+  elif (previous is not None and int(previous.get('step', -1)) == restored.step
+        and _tta_of(previous) == tta):
     reference, against = previous['scores'], 'the saved predictions'
   else:
+    if restored.val_scores is not None:
+      print(f'No reproduction check: step {restored.step} was scored at training with '
+            f'eval.tta={_trained_tta(restored)!r}, this evaluation uses {tta!r}.')
     return None
   result = reproduction.compare(reference, current['scores'], current['labels'])
   print(reproduction.verdict(result, restored.step, against))
@@ -109,7 +125,10 @@ def _check_reproduction(restored: checkpoints.Restored, current: dict,
 def _save_predictions(wd: workdir_lib.Workdir, current: dict, previous: dict | None) -> None:
   """Writes eval/predictions.npz, keeping different saved scores of the same step."""
   step = int(current['step'])
-  if previous is not None and int(previous.get('step', -1)) == step:
+  if (previous is not None and int(previous.get('step', -1)) == step
+      and _tta_of(previous) != str(current['tta'])):  # the same checkpoint, other views
+    os.replace(wd.predictions, wd.predictions_of_tta(step, _tta_of(previous)))
+  elif previous is not None and int(previous.get('step', -1)) == step:
     same = (list(previous['names']) == list(current['names']) and reproduction.compare(
         previous['scores'], current['scores'], current['labels'])['reproduces'])
     if not same:
@@ -122,15 +141,17 @@ def _save_predictions(wd: workdir_lib.Workdir, current: dict, previous: dict | N
   workdir_lib.write_npz(wd.predictions, current)
 
 
-def _write_report(config, wd: workdir_lib.Workdir, data, current: dict, summary: dict,
-                  loss: float):
+def write_report(config, wd: workdir_lib.Workdir, data, current: dict, summary: dict,
+                 loss: float):
+  """The run's report from one evaluation's predictions and metrics (its chips drawn from
+  `data`); the path of its markdown."""
   index = {name: i for i, name in enumerate(data.names['validation'])}
   return report.write_report(
       wd.root, history=history.read(wd.history) if wd.history.is_file() else None,
       predictions=current, tags=planet.TAGS,
       load_rgb=lambda name: data.validation[index[name]]['image'][..., :3],
       top_n=config.eval.top_n, thresholds=[summary['thresholds'][t] for t in planet.TAGS],
-      loss=loss, model=config.model.name)
+      loss=loss, model=config.model.name, crossfit_folds=config.eval.crossfit_folds)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir, data=None, runner=None) -> dict:
@@ -147,12 +168,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir, data=None, runner=None)
       inputs.eval_batches(config, data, 'validation'))
   step = restored.step
   summary = report.metrics_summary(labels, scores, planet.TAGS, model=config.model.name,
-                                   loss=loss, step=step, flips=bool(config.eval.flips))
+                                   loss=loss, step=step, tta=config.eval.tta,
+                                   crossfit_folds=config.eval.crossfit_folds)
   if jax.process_index() != 0:
     return summary
   provenance.record_invocation(wd, 'evaluate', config, data)
   current = {'names': np.asarray(data.names['validation']), 'labels': labels,
-             'scores': scores.astype(np.float32), 'step': np.int64(step)}
+             'scores': scores.astype(np.float32), 'step': np.int64(step),
+             'tta': np.asarray(config.eval.tta)}
   previous = workdir_lib.read_npz(wd.predictions)
   checked = _check_reproduction(restored, current, previous)
   if checked is not None:
@@ -164,7 +187,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir, data=None, runner=None)
   summary['reproduction'] = checked
   _save_predictions(wd, current, previous)
   workdir_lib.write_json(wd.metrics, summary)
-  md = _write_report(config, wd, data, current, summary, loss)
+  md = write_report(config, wd, data, current, summary, loss)
   print(f'step {step}: val mAP {summary["map"]:.4f}, F2 {summary["f2_at_0.5"]:.4f} at 0.5, '
         f'{summary["f2_tuned"]:.4f} tuned; report: {md}')
   return summary

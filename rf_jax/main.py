@@ -7,13 +7,16 @@ Examples:
   rf-jax --mode predict --workdir runs/dual --chips '/data/new/*.tif' --output new.csv
   rf-jax --mode export --workdir runs/dual --output ~/models/dual
   rf-jax --mode compare --compare runs/rgb,runs/rgbir,runs/dual --workdir runs/comparison
+  rf-jax --mode ensemble --members runs/rgb,runs/rgbir,runs/dual --workdir runs/ensemble
 
 Modes: `train`; `evaluate` (restore the best epoch, recompute the validation scores, reproduction
 check, metrics and report); `predict` (Kaggle submission for the test chips); `export` (the best
 epoch's variables as msgpack and safetensors, with tags and band statistics); `compare` (side by
-side of the --compare workdirs, written into --workdir); `all` (default): train, evaluate, and
-predict when the dataset has test chips. Every config key, with its meaning, is in
-configs/default.py; override one with --config.<key>=<value> (e.g. --config.num_epochs=10).
+side of the --compare workdirs, written into --workdir); `ensemble` (the mean of the --members'
+saved validation and test probabilities, no model: thresholds, metrics, report and submission in
+--workdir); `all` (default): train, evaluate, and predict when the dataset has test chips.
+Every config key, with its meaning, is in configs/default.py; override one with
+--config.<key>=<value> (e.g. --config.num_epochs=10).
 `~` in any path (flag or config key) is the home directory. `rf-jax --version` prints the
 versions that decide the numbers. `python -m rf_jax.main` is the same program as `rf-jax`.
 """
@@ -31,6 +34,7 @@ from ml_collections import config_flags
 from rf_jax import comparison
 from rf_jax import compilation
 from rf_jax import config_checks
+from rf_jax import ensemble
 from rf_jax import evaluate
 from rf_jax import export
 from rf_jax import inputs
@@ -43,14 +47,18 @@ from rf_jax import chip_scores
 from rf_jax import cli
 from rf_jax import workdir as workdir_lib
 from rf_jax import xla_cpu
+from rf_jax.configs import default
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, history, evaluation.')
-flags.DEFINE_enum('mode', 'all', ['all', 'train', 'evaluate', 'predict', 'export', 'compare'],
+flags.DEFINE_enum('mode', 'all',
+                  ['all', 'train', 'evaluate', 'predict', 'export', 'compare', 'ensemble'],
                   'What to do in the workdir.')
 flags.DEFINE_list('compare', [], 'Workdirs to compare side by side (--mode compare), '
                   'comma-separated without spaces.')
+flags.DEFINE_list('members', [], 'Evaluated and predicted workdirs whose probabilities --mode '
+                  'ensemble averages, comma-separated without spaces.')
 flags.DEFINE_string('chips', None, '--mode predict: score these chips (a directory of .tif '
                     'chips or a quoted glob) into a CSV instead of the test split.')
 flags.DEFINE_string('output', None, 'Where --mode predict --chips writes its CSV (default '
@@ -72,9 +80,10 @@ config_flags.DEFINE_config_file('config', None, 'A get_config() file, e.g. confi
 
 # Flags that mean something in some modes only: given to another mode they would be ignored.
 MODE_FLAGS = {'chips': ('predict',), 'output': ('predict', 'export'), 'compare': ('compare',),
-              'allow_config_change': ('train', 'all')}
+              'members': ('ensemble',), 'allow_config_change': ('train', 'all')}
 MULTIHOST_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
 SAVED_CONFIG_MODES = ('evaluate', 'predict', 'export')  # the run's own config.json by default
+NO_CONFIG_MODES = ('compare', 'ensemble')  # they read other workdirs' results: no model, no data
 
 
 def run(mode: str, config, workdir: str, allow_config_change=(), chips=None,
@@ -99,9 +108,10 @@ def run(mode: str, config, workdir: str, allow_config_change=(), chips=None,
 
 
 def _stray_arguments(args: list[str]) -> str:
-  if FLAGS['compare'].present:
-    hint = ('--compare takes one comma-separated list without spaces, e.g. '
-            '--compare runs/rgb,runs/dual')
+  listed = next((name for name in ('compare', 'members') if FLAGS[name].present), None)
+  if listed:
+    hint = (f'--{listed} takes one comma-separated list without spaces, e.g. '
+            f'--{listed} runs/rgb,runs/dual')
   elif FLAGS['chips'].present:
     hint = "quote a glob so that the shell passes it whole, e.g. --chips '/data/new/*.tif'"
   else:
@@ -129,11 +139,13 @@ def check_command_line(args: list[str]) -> None:
         'is always <workdir>/submission.csv: add --chips, or drop --output.')
   if FLAGS.mode == 'compare' and not FLAGS.compare:
     raise cli.CommandLineError('--mode compare needs --compare=WORKDIR,WORKDIR,...')
+  if FLAGS.mode == 'ensemble' and not FLAGS.members:
+    raise cli.CommandLineError('--mode ensemble needs --members=WORKDIR,WORKDIR,...')
   given = [f'--{name}' for name in MULTIHOST_FLAGS if FLAGS[name].present]
   if given and not FLAGS.multihost:
     raise cli.CommandLineError(f'{", ".join(given)} (for a multi-process job) need '
                                '--multihost: add it, or drop them to run in one process.')
-  if FLAGS.config is None and FLAGS.mode not in (*SAVED_CONFIG_MODES, 'compare'):
+  if FLAGS.config is None and FLAGS.mode not in (*SAVED_CONFIG_MODES, *NO_CONFIG_MODES):
     raise cli.CommandLineError(f'--config is required for --mode {FLAGS.mode}, e.g. --config '
                                'dual or --config configs/dual.py.')
 
@@ -158,8 +170,16 @@ def main(argv):
   workdir = _path(FLAGS.workdir)
   with cli.reported(workdir):
     check_command_line(argv[1:])
-    if FLAGS.mode == 'compare':
-      print(comparison.write_comparison([_path(w) for w in FLAGS.compare], workdir))
+    if FLAGS.mode in NO_CONFIG_MODES:  # the config's compare and eval keys, if one is given
+      config = FLAGS.config if FLAGS.config is not None else default.get_config()
+      config_checks.check(config)
+      statistics = dict(resamples=config.compare.resamples, seed=config.compare.seed,
+                        folds=config.eval.crossfit_folds)
+      if FLAGS.mode == 'compare':
+        print(comparison.write_comparison([_path(w) for w in FLAGS.compare], workdir,
+                                          **statistics))
+      else:
+        ensemble.write_ensemble([_path(w) for w in FLAGS.members], workdir, **statistics)
       return
     wd = workdir_lib.Workdir(workdir)
     config = FLAGS.config if FLAGS.config is not None else provenance.saved_config(wd)

@@ -18,6 +18,10 @@ Inputs, per workdir (written by training and by ``--mode evaluate``):
   ``excluded_tags``    [tag, ...], the tags with null AP (left out of ``map``)
   ``f2_at_0.5``        float, Kaggle F2 (samples average) of ``scores > 0.5``
   ``f2_tuned``         float, Kaggle F2 of ``scores > thresholds`` (tuned on this same data)
+  ``f2_tuned_crossfit``  float or null, Kaggle F2 at thresholds tuned on the other folds of
+                       ``crossfit_folds`` (:func:`rf_jax.metrics.f2_tuned_crossfit`); null when
+                       there are fewer chips than folds. Absent from files of earlier rf_jax
+  ``crossfit_folds``   int, the folds of ``f2_tuned_crossfit``
   ``thresholds``       {tag: float}, per-tag thresholds of :func:`rf_jax.metrics.tune_thresholds`
   ===================  ======================================================================
 
@@ -47,7 +51,7 @@ DPI = 100
 
 # --------------------------------------------------------------------------- metrics.json
 
-def _num(x) -> float | None:
+def json_number(x) -> float | None:
   """JSON-safe float: NaN/inf/None -> None."""
   if x is None:
     return None
@@ -56,10 +60,12 @@ def _num(x) -> float | None:
 
 
 def metrics_summary(labels, scores, tags: Sequence[str], *, model: str, loss: float | None = None,
-                    split: str = 'validation', thresholds=None, **extra) -> dict[str, Any]:
+                    split: str = 'validation', thresholds=None, crossfit_folds: int = 5,
+                    **extra) -> dict[str, Any]:
   """The ``eval/metrics.json`` dict (keys: module docstring) of one evaluation.
 
   ``thresholds`` default: tuned here with :func:`rf_jax.metrics.tune_thresholds`.
+  ``crossfit_folds``: the folds of ``f2_tuned_crossfit`` (config.eval.crossfit_folds).
   """
   labels = np.asarray(labels)
   scores = np.asarray(scores)
@@ -73,17 +79,24 @@ def metrics_summary(labels, scores, tags: Sequence[str], *, model: str, loss: fl
       'model': model,
       'split': split,
       'num_chips': int(labels.shape[0]),
-      'loss': _num(loss),
-      'map': _num(M.mean_average_precision(labels, scores)),
-      'mean_precision_at_0.5': _num(M.mean_precision_at(labels, scores, 0.5)),
-      'ap': {t: _num(a) for t, a in zip(tags, ap)},
+      'loss': json_number(loss),
+      'map': json_number(M.mean_average_precision(labels, scores)),
+      'mean_precision_at_0.5': json_number(M.mean_precision_at(labels, scores, 0.5)),
+      'ap': {t: json_number(a) for t, a in zip(tags, ap)},
       'excluded_tags': [tags[i] for i in M.tags_without_positives(labels)],
-      'f2_at_0.5': _num(M.f2_at(labels, scores, M.DEFAULT_THRESHOLD)),
-      'f2_tuned': _num(M.f2_at(labels, scores, thresholds)),
+      'f2_at_0.5': json_number(M.f2_at(labels, scores, M.DEFAULT_THRESHOLD)),
+      'f2_tuned': json_number(M.f2_at(labels, scores, thresholds)),
+      'f2_tuned_crossfit': _crossfit(labels, scores, crossfit_folds),
+      'crossfit_folds': crossfit_folds,
       'thresholds': {t: float(v) for t, v in zip(tags, thresholds)},
   }
   out.update(extra)
   return out
+
+
+def _crossfit(labels, scores, folds: int) -> float | None:
+  """:func:`rf_jax.metrics.f2_tuned_crossfit`; None when there are fewer chips than folds."""
+  return json_number(M.f2_tuned_crossfit(labels, scores, folds)) if len(labels) >= folds else None
 
 
 def read_metrics(path) -> dict[str, Any]:
@@ -286,7 +299,8 @@ def _curves_section(history: Mapping | None, out: Path, model: str) -> list[str]
                '![mAP per epoch](map.png)', '']
 
 
-def _ap_section(labels, scores, tags, thresholds, out: Path, model: str) -> list[str]:
+def _ap_section(labels, scores, tags, thresholds, crossfit: float | None, folds: int, out: Path,
+                model: str) -> list[str]:
   ap = M.average_precision(labels, scores)
   num_pos = labels.sum(0)
   plot_ap_bars(ap, tags, num_pos, out / 'ap_per_tag.png', f'Per-tag AP ({model})')
@@ -296,7 +310,9 @@ def _ap_section(labels, scores, tags, thresholds, out: Path, model: str) -> list
     md.append(f'| {t} | {int(n)} | {_fmt(a) if np.isfinite(a) else "n/a (excluded)"} | {th:.2f} |')
   return md + [f'| **mAP** | | **{_fmt(M.mean_average_precision(labels, scores))}** | |',
                f'| **F2 at 0.5** | | {_fmt(M.f2_at(labels, scores, 0.5))} | |',
-               f'| **F2 tuned** | | {_fmt(M.f2_at(labels, scores, thresholds))} | |', '']
+               f'| **F2 tuned** (on these same chips, optimistic) | | '
+               f'{_fmt(M.f2_at(labels, scores, thresholds))} | |',
+               f'| **F2 tuned, cross-fitted** ({folds} folds) | | {_fmt(crossfit)} | |', '']
 
 
 def _best_tag_section(names, labels, scores, tags, thresholds, load_rgb, top_n: int,
@@ -330,13 +346,15 @@ def _best_tag_section(names, labels, scores, tags, thresholds, load_rgb, top_n: 
 def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags: Sequence[str],
                  load_rgb: Callable[[str], np.ndarray] | None, top_n: int = 50,
                  excluded_tags: Sequence[str] | None = None, thresholds=None,
-                 loss: float | None = None, model: str | None = None) -> Path:
+                 loss: float | None = None, model: str | None = None,
+                 crossfit_folds: int = 5) -> Path:
   """Writes ``workdir/report/`` (PNGs + report.md) and returns the path of report.md.
 
   ``history``: parsed history.json (None: no curves). ``predictions``: names, labels, scores as in
   predictions.npz. ``load_rgb(name)`` -> [H, W, 3] RGB of a chip (None: no chip grid).
   ``thresholds``: per-tag F2 thresholds (default: tuned here on ``predictions``).
   ``excluded_tags``: tags left out of mAP (default: those without positives in ``predictions``).
+  ``crossfit_folds``: the folds of the cross-fitted tuned F2 (config.eval.crossfit_folds).
   """
   wd = workdir_lib.Workdir(workdir)
   out = wd.report_dir
@@ -354,17 +372,20 @@ def write_report(workdir, *, history: Mapping | None, predictions: Mapping, tags
   if thresholds is None:
     thresholds = M.tune_thresholds(labels, scores)
   thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), (len(tags),))
+  crossfit = _crossfit(labels, scores, crossfit_folds)
   md = [f'# Report: {model}', '',
         f'Evaluated chips: {len(names)}. '
         + (f'Loss (mean sigmoid BCE): {_fmt(loss)}. ' if loss is not None else '')
         + f'mAP (mean AP over tags with positives): '
         f'**{_fmt(M.mean_average_precision(labels, scores))}**. Kaggle F2 (samples): '
         f'{_fmt(M.f2_at(labels, scores, 0.5))} at 0.5, {_fmt(M.f2_at(labels, scores, thresholds))}'
-        ' at per-tag tuned thresholds (tuned on these same chips, so optimistic).', '',
+        ' at per-tag thresholds tuned on these same chips (optimistic), '
+        f'{_fmt(crossfit)} cross-fitted, {crossfit_folds} folds (each chip scored at thresholds '
+        'tuned on the other folds).', '',
         'Excluded from mAP (no positives among these chips): '
         + (', '.join(excluded_tags) if excluded_tags else 'none') + '.', '']
   md += _curves_section(history, out, model)
-  md += _ap_section(labels, scores, tags, thresholds, out, model)
+  md += _ap_section(labels, scores, tags, thresholds, crossfit, crossfit_folds, out, model)
   md += _best_tag_section(names, labels, scores, tags, thresholds, load_rgb, top_n, out)
   workdir_lib.write_text(wd.report, '\n'.join(md))
   return wd.report

@@ -14,16 +14,16 @@ from rf_jax import parallel
 from rf_jax import steps
 
 
-def create_runner(kind: str, flips: bool, preprocess: augment.Preprocess | None = None,
+def create_runner(kind: str, tta: str, preprocess: augment.Preprocess | None = None,
                   devices=None) -> parallel.Runner:
   """The train and eval steps laid over `devices` (default: all) as `kind` (parallel.KINDS),
   taking raw chips made into the model's input by `preprocess` (None: batches are the model's
-  input)."""
+  input); evaluation averages the views of `tta` (steps.TTA_CHOICES)."""
   train = (steps.train_step if preprocess is None
            else functools.partial(steps.preprocessed_train_step, preprocess=preprocess))
   return parallel.create_runner(
       kind, train,
-      functools.partial(steps.preprocessed_eval_step, preprocess=preprocess, flips=flips),
+      functools.partial(steps.preprocessed_eval_step, preprocess=preprocess, tta=tta),
       devices)
 
 
@@ -34,5 +34,5 @@ def layout(config: ml_collections.ConfigDict) -> str:
 
 def for_config(config: ml_collections.ConfigDict,
                preprocess: augment.Preprocess) -> parallel.Runner:
-  """The runner of a run: its layout, its evaluation's flips, its input's preprocessing."""
-  return create_runner(layout(config), flips=config.eval.flips, preprocess=preprocess)
+  """The runner of a run: its layout, its evaluation's views, its input's preprocessing."""
+  return create_runner(layout(config), tta=config.eval.tta, preprocess=preprocess)

@@ -2,9 +2,10 @@
 
 `create_learning_rate_fn`, `create_optimizer`, `init_variables`, `create_train_state`;
 `train_step` (returns the new state and its metrics: loss, gradient norm, parameter norm) and
-`eval_step` on the model's input; `preprocessed_train_step` / `preprocessed_eval_step`, the
-same on chips as stored, the input made on the device first (rf_jax/augment.py). How they are
-laid over devices is runner.py's; the prediction loop is predict.py's.
+`eval_step` on the model's input, its probabilities averaged over views of it (`TTA_CHOICES`);
+`preprocessed_train_step` / `preprocessed_eval_step`, the same on chips as stored, the input
+made on the device first (rf_jax/augment.py). How they are laid over devices is runner.py's;
+the prediction loop is predict.py's.
 """
 
 from typing import Any
@@ -93,18 +94,37 @@ def averaged_sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -(labels * log_p + (1 - labels) * log_not_p).mean(axis=-1)
 
 
-def eval_step(state: TrainState, batch: dict, flips: bool = False) -> dict:
+# config.eval.tta: the views of each chip whose probabilities evaluation averages. A satellite
+# chip has no "up": each of the square's 8 symmetries (dihedral8) shows the same ground.
+TTA_CHOICES = ('none', 'flip', 'dihedral8')
+
+
+def tta_views(images: jax.Array, tta: str) -> jax.Array:
+  """The model inputs [B, H, W, C] -> the views [V, B, H, W, C] that `tta` averages: the
+  images; then their horizontal mirror ('flip', V=2); then each of the two turned by 90, 180
+  and 270 degrees ('dihedral8', V=8: k quarter turns of the images, then of the mirror)."""
+  if tta not in TTA_CHOICES:
+    raise ValueError(f'tta must be one of {TTA_CHOICES}, got {tta!r}')
+  views = [images] if tta == 'none' else [images, images[:, :, ::-1]]
+  if tta == 'dihedral8':
+    views = [jnp.rot90(view, k, axes=(1, 2)) for view in views for k in range(4)]
+  return jnp.stack(views)
+
+
+def eval_step(state: TrainState, batch: dict, tta: str = 'none') -> dict:
   """Per-example sigmoid scores and loss (padding rows are masked by the caller).
 
-  `flips`: the scores are the mean probabilities of the chip and its mirror image, and the loss
-  is that of the mean probabilities, so that it describes the scores reported.
+  `tta` (TTA_CHOICES) other than 'none': the scores are the mean probabilities of the views
+  of the model's input (`tta_views`), and the loss is that of the mean probabilities, so that
+  it describes the scores reported.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = state.apply_fn(variables, batch['image'], train=False).astype(jnp.float32)
-  if not flips:
+  apply = lambda image: state.apply_fn(variables, image, train=False).astype(jnp.float32)
+  if tta == 'none':
+    logits = apply(batch['image'])
     return {'scores': jax.nn.sigmoid(logits), 'loss': sigmoid_bce(logits, batch['labels'])}
-  mirrored = state.apply_fn(variables, batch['image'][:, :, ::-1], train=False)
-  views = jnp.stack([logits, mirrored.astype(jnp.float32)])
+  # One view at a time: one compiled forward pass, and one view's activations in memory.
+  views = jax.lax.map(apply, tta_views(batch['image'], tta))
   return {'scores': jax.nn.sigmoid(views).mean(axis=0),
           'loss': averaged_sigmoid_bce(views, batch['labels'])}
 
@@ -133,12 +153,13 @@ def preprocessed_train_step(state: TrainState, batch: dict, preprocess: augment.
 
 
 def preprocessed_eval_step(state: TrainState, batch: dict, preprocess: augment.Preprocess | None,
-                           flips: bool = False) -> dict:
+                           tta: str = 'none') -> dict:
   """eval_step on raw chips (`preprocess` None: on the model's input), its outputs with the
-  labels and the batch's mask, so that every process gets all of them back (predict)."""
+  labels and the batch's mask, so that every process gets all of them back (predict). The
+  views of `tta` are those of the model's input: made after the resize and normalisation."""
   chips, labels = _rows(batch)
   image = chips if preprocess is None else augment.eval_input(preprocess, chips)
-  out = {**eval_step(state, {'image': image, 'labels': labels}, flips), 'labels': labels}
+  out = {**eval_step(state, {'image': image, 'labels': labels}, tta), 'labels': labels}
   if 'mask' in batch:
     out['mask'] = batch['mask']
   return out

@@ -1,4 +1,8 @@
-"""The Kaggle submission: the test chips scored by the evaluated checkpoint, tags at its thresholds."""
+"""The Kaggle submission: the test chips scored by the evaluated checkpoint, tags at its thresholds.
+
+The test scores are kept beside it (eval/test_predictions.npz): an ensemble (ensemble.py)
+averages its members' without their models.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ def write_submission(path: pathlib.Path, names, predicted: np.ndarray) -> None:
 
 def predict_test(config: ml_collections.ConfigDict, workdir, data=None,
                  runner=None) -> pathlib.Path:
-  """Writes the submission for the test chips with the thresholds tuned at evaluation.
+  """Writes the submission for the test chips with the thresholds tuned at evaluation, and
+  their scores (eval/test_predictions.npz: names, scores, step).
   `runner`: the run's steps when the caller already built them (runner.for_config)."""
   config_checks.check(config)
   wd = workdir_lib.Workdir(workdir)
@@ -59,6 +64,9 @@ def predict_test(config: ml_collections.ConfigDict, workdir, data=None,
       inputs.eval_batches(config, data, 'test'))
   if jax.process_index() != 0:  # every process predicts its part; process 0 writes
     return wd.submission
+  workdir_lib.write_npz(wd.test_predictions, {'names': np.asarray(data.names['test']),
+                                               'scores': scores.astype(np.float32),
+                                               'step': np.int64(restored.step)})
   write_submission(wd.submission, data.names['test'], metrics.binarize(scores, thresholds))
   print(f'{wd.submission}: {len(scores)} test chips, thresholds from {wd.metrics}.')
   return wd.submission

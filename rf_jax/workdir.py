@@ -9,9 +9,11 @@
       history.json        per epoch: losses, mAP, per-tag AP, learning rate, img/s
       parameters.txt      the model's parameter table
       tensorboard/        event files
-      eval/               predictions.npz, metrics.json
+      eval/               predictions.npz, metrics.json; test_predictions.npz (the submission's
+                          test scores)
       report/             report.md and its figures
-      submission.csv      Kaggle submission for the test chips
+      submission.csv      Kaggle submission for the test chips (a run's, or an ensemble's:
+                          --mode ensemble writes eval/, report/ and this, nothing else)
       chip_scores.csv     per-tag scores and tags of any chips (--mode predict --chips)
       export/             model.msgpack and model.safetensors of the best epoch (--mode export)
       synthetic/          a generated dataset (configs with data.synthetic.num_chips > 0)
@@ -73,6 +75,7 @@ class Workdir:
   eval_dir = property(lambda self: self.root / 'eval')
   predictions = property(lambda self: self.eval_dir / 'predictions.npz')
   metrics = property(lambda self: self.eval_dir / 'metrics.json')
+  test_predictions = property(lambda self: self.eval_dir / 'test_predictions.npz')
   report_dir = property(lambda self: self.root / 'report')
   report = property(lambda self: self.report_dir / 'report.md')
   submission = property(lambda self: self.root / 'submission.csv')
@@ -84,6 +87,10 @@ class Workdir:
   def predictions_of_step(self, step: int) -> pathlib.Path:
     """Where saved predictions of another checkpoint are kept when the best one changes."""
     return self.eval_dir / f'predictions.step{step}.npz'
+
+  def predictions_of_tta(self, step: int, tta: str) -> pathlib.Path:
+    """Where saved predictions of the same checkpoint under another eval.tta are kept."""
+    return self.eval_dir / f'predictions.step{step}.tta-{tta}.npz'
 
   @property
   def predictions_rerun(self) -> pathlib.Path:

@@ -130,6 +130,14 @@ def test_missing_config_key_reads_ml_collections_error(override, key, suggestion
   assert cli.missing_config_key(_override_error(override)) == (key, suggestion)
 
 
+def test_a_renamed_key_names_its_new_key():
+  override = '--config.eval.flips=True'
+  argv = ['rf-jax', '--config', str(RGB_CONFIG), override]
+  message = cli._parse_error(_override_error(override), argv, flags.FlagValues())
+  assert message == (f'{override}: config.eval.flips is now config.eval.tta, e.g. '
+                     '--config.eval.tta=flip; every key is in configs/default.py.')
+
+
 # --- is_peer_failure: a failed collective's text ----------------------------------------
 
 # What process 0 of 2 raised when process 1 was SIGKILLed mid-epoch (2 processes on 127.0.0.1,

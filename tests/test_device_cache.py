@@ -55,7 +55,7 @@ _SCRIPT = textwrap.dedent('''
       model = Small(parallel.AXIS_NAME if kind == 'pmap' else None)
       variables = steps.init_variables(model, jax.random.key(0), 96, 3)
       state = steps.create_train_state(variables, model, optax.sgd(0.1))
-      runner = runner_lib.create_runner(kind, flips=True, preprocess=preprocess,
+      runner = runner_lib.create_runner(kind, tta='flip', preprocess=preprocess,
                                         devices=devices)
       state = runner.put_state(state)
       loader, losses = inputs.train_loader(config, data), []
@@ -81,7 +81,7 @@ _SCRIPT = textwrap.dedent('''
       except config_checks.ConfigError as e:
         config.parallel = 'jit'
         try:
-          runner_lib.create_runner('pmap', flips=False).put_batch(
+          runner_lib.create_runner('pmap', tta='none').put_batch(
               next(inputs.train_loader(config, data)))
         except ValueError as f:
           return [str(e), str(f)]

@@ -58,6 +58,7 @@ def test_first_evaluation_writes_predictions_and_metrics(trained):
   assert metrics['loss'] == pytest.approx(history[-1]['val_loss'], rel=1e-5)
   assert metrics['f2_tuned'] >= metrics['f2_at_0.5']
   assert set(metrics['thresholds']) == set(planet.TAGS)
+  assert metrics['tta'] == config.eval.tta == 'none'
 
 
 def test_second_evaluation_reproduces_exactly(trained, capsys):
@@ -88,6 +89,30 @@ def test_changed_checkpoint_does_not_reproduce(trained, tmp_path, capsys):
   assert 'NOT REPRODUCED' in capsys.readouterr().out
   assert (tmp_path / 'eval' / 'predictions.npz').read_bytes() == saved_before  # kept
   assert (tmp_path / 'eval' / 'predictions.rerun.npz').is_file()
+
+
+def test_another_tta_is_no_failed_reproduction(trained, tmp_path, capsys):
+  """Evaluating a trained run with dihedral8 views scores differently by design: no
+  reproduction verdict, the new scores become the run's predictions (what metrics.json
+  describes), the training-time ones are kept under their TTA; a second dihedral8 evaluation
+  reproduces the first."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = trained
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  before = dict(np.load(tmp_path / 'eval' / 'predictions.npz'))
+  config = config.copy_and_resolve_references()
+  config.eval.tta = 'dihedral8'
+  first = evaluate.evaluate(config, tmp_path)
+  out = capsys.readouterr().out
+  assert first['reproduction'] is None and 'REPRODUCED' not in out
+  assert "scored at training with eval.tta='none', this evaluation uses 'dihedral8'" in out
+  kept = dict(np.load(Workdir(tmp_path).predictions_of_tta(int(before['step']), 'none')))
+  np.testing.assert_array_equal(kept['scores'], before['scores'])
+  with np.load(tmp_path / 'eval' / 'predictions.npz') as now:
+    assert str(now['tta']) == 'dihedral8' and not np.allclose(now['scores'], before['scores'])
+    assert json.loads((tmp_path / 'eval' / 'metrics.json').read_text())['tta'] == 'dihedral8'
+  second = evaluate.evaluate(config, tmp_path)
+  assert second['reproduction']['exact'] and 'REPRODUCED exactly' in capsys.readouterr().out
 
 
 def test_report_files_are_written(trained):
@@ -157,6 +182,11 @@ def test_submission_tags_are_the_test_chips_scores_above_their_thresholds(traine
     assert tags.split() == want, name
     predicted += len(want)
   assert predicted > 0  # some tags are predicted: the check compares something
+  with np.load(Workdir(workdir).test_predictions) as saved:  # what an ensemble averages
+    assert saved['step'] == checkpoints.restore_for_evaluation(Workdir(workdir).checkpoints).step
+    assert sorted(saved['names']) == sorted(scores)
+    for name, row in zip(saved['names'], saved['scores']):
+      np.testing.assert_allclose(row, scores[name], rtol=1e-6, err_msg=name)
 
 
 def test_evaluating_with_another_model_is_refused(trained):

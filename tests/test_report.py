@@ -132,11 +132,12 @@ def test_metrics_summary_keys_and_json(tmp_path):
 def test_write_comparison(tmp_path):
   workdirs = [_make_workdir(tmp_path, m, i, skill)[0]
               for i, (m, skill) in enumerate([('rgb', 0.2), ('rgbir', 0.4), ('dual', 0.6)])]
-  path = comparison.write_comparison(workdirs, tmp_path / 'cmp')
+  path = comparison.write_comparison(workdirs, tmp_path / 'cmp', resamples=200)
   md = path.read_text()
   header = next(line for line in md.splitlines() if line.startswith('| tag |'))
   assert header == '| tag | rgb | rgbir | dual |'
-  rows = [line for line in md.splitlines() if line.startswith('| ')]
+  table = md.split(header)[1].split('\n\n')[0]  # the side-by-side table, before the intervals
+  rows = [line for line in table.splitlines() if line.startswith('| ')]
   assert all(line.count('|') == 5 for line in rows)
   for t in TAGS:
     assert any(line.startswith(f'| {t} |') for line in rows)

@@ -1,4 +1,4 @@
-"""The steps: the evaluation step's flip-averaged loss where float32 probabilities saturate,
+"""The steps: the evaluation step's view-averaged loss where float32 probabilities saturate,
 against a 50-digit reference (mpmath); a train step in bfloat16."""
 
 import re
@@ -50,28 +50,28 @@ def test_one_view_is_the_plain_loss():
   np.testing.assert_allclose(got, steps.sigmoid_bce(jnp.asarray(LOGITS[0]), LABELS), rtol=1e-6)
 
 
-def test_eval_step_with_flips_scores_and_loss_the_averaged_views():
+def test_eval_step_with_flip_scores_and_loss_the_averaged_views():
   """A model whose logits are its input's first row: the mirror image reverses the tags."""
   image = jnp.asarray(LOGITS[0])[:, None, :, None]  # [B, 1, T, 1]
   state = steps.TrainState(step=0, apply_fn=lambda v, x, train: x[:, 0, :, 0], params={},
                            batch_stats={}, tx=None, opt_state=None)
-  out = jax.jit(steps.eval_step, static_argnames='flips')(
-      state, {'image': image, 'labels': jnp.asarray(LABELS)}, flips=True)
+  out = jax.jit(steps.eval_step, static_argnames='tta')(
+      state, {'image': image, 'labels': jnp.asarray(LABELS)}, tta='flip')
   views = np.stack([LOGITS[0], LOGITS[0][:, ::-1]])
   want = 1 / (1 + np.exp(-np.clip(views.astype(np.float64), -700, 700)))
   np.testing.assert_allclose(out['scores'], want.mean(0), rtol=1e-6, atol=1e-30)
   np.testing.assert_allclose(out['loss'], _reference_loss(views, LABELS), rtol=1e-6)
 
 
-@pytest.mark.parametrize('flips', [False, True])
-def test_eval_step_loss_matches_its_scores(flips):
+@pytest.mark.parametrize('tta', ['none', 'flip'])  # dihedral8: tests/test_tta.py
+def test_eval_step_loss_matches_its_scores(tta):
   """The loss describes the scores reported: BCE of `scores`, where they are not saturated."""
   logits = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32) * 3
   labels = (np.random.default_rng(1).random((3, 5)) < 0.5).astype(np.float32)
   state = steps.TrainState(step=0, apply_fn=lambda v, x, train: x[:, 0, :, 0], params={},
                            batch_stats={}, tx=None, opt_state=None)
   out = steps.eval_step(state, {'image': jnp.asarray(logits)[:, None, :, None],
-                                'labels': jnp.asarray(labels)}, flips=flips)
+                                'labels': jnp.asarray(labels)}, tta=tta)
   p = np.asarray(out['scores'], np.float64)
   want = -(labels * np.log(p) + (1 - labels) * np.log1p(-p)).mean(axis=-1)
   np.testing.assert_allclose(out['loss'], want, rtol=1e-5)

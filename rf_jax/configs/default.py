@@ -76,6 +76,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.step = -1  # -1 = the best checkpoint by select_by
   # The best epoch: map (the study's text) | mean_precision_at_0.5 (what its code printed as mAP).
   config.eval.select_by = 'map'
-  config.eval.flips = False  # test-time horizontal flip averaging
+  # Test-time augmentation, the probabilities averaged over views of each chip (steps.py):
+  # none (the study) | flip (the chip and its mirror) | dihedral8 (4 rotations x 2 flips).
+  config.eval.tta = 'none'
   config.eval.top_n = 50  # tail accuracy over the best tag's top-N chips
+  # Folds of the cross-fitted tuned F2 (metrics.f2_tuned_crossfit): each chip is scored at
+  # thresholds tuned on the other folds, unlike f2_tuned, tuned on the chips it scores.
+  config.eval.crossfit_folds = 5
+
+  # --mode compare: bootstrap intervals over the validation chips (rf_jax/bootstrap.py).
+  config.compare = ml_collections.ConfigDict()
+  # Resamples of the chips: at 2,000 a 95% percentile interval's ends carry a Monte-Carlo error
+  # of ~0.06 of the bootstrap's standard deviation, and p-values resolve down to 0.001.
+  config.compare.resamples = 2000
+  config.compare.seed = 0  # the resampled chips: the same seed gives the same intervals
   return config
