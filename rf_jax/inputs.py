@@ -100,6 +100,12 @@ def train_loader(config: ml_collections.ConfigDict,
       shard_count=jax.process_count(), to_device=parallel.replicate)
 
 
+def check_cache_fits(config: ml_collections.ConfigDict, data: prepared.PlanetData,
+                     splits: tuple[str, ...]) -> None:
+  """Refuses a `config.data.cache` that cannot hold all of `splits` at once, before any is read."""
+  pipeline.check_fits({split: getattr(data, split) for split in splits}, config.data.cache)
+
+
 def _check_cache_layout(config: ml_collections.ConfigDict) -> None:
   if config.data.cache == 'device' and config.parallel == 'pmap' and jax.device_count() > 1:
     raise config_checks.ConfigError(

@@ -126,6 +126,9 @@ def _check_data_fits(config, data) -> None:
   if config.batch_size > len(data.train):
     raise config_checks.ConfigError(
         f'config.batch_size={config.batch_size} exceeds the {len(data.train)} training chips.')
+  # Both splits a run holds, before the model is built and the first is read (minutes at the
+  # real size), not the validation split's refusal after the training split filled the RAM.
+  inputs.check_cache_fits(config, data, ('train', 'validation'))
 
 
 def _write_parameter_table(wd: workdir_lib.Workdir, name: str, params) -> None:

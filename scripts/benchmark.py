@@ -10,6 +10,8 @@ One process per framework run, the frameworks alternating A B A B over `--rounds
   python scripts/benchmark.py --conv-profile       # each ResNet-18 conv shape alone
   python scripts/benchmark.py --pipeline-only --workers 0   # host CPU ms per chip
   python scripts/benchmark.py --profile            # train step ms per op kind, both sides
+  python scripts/benchmark.py --scale full --json scale.json   # every phase at 40,479 chips
+  python scripts/benchmark.py --scale 300 --quick  # the same on 300 chips, tiny net: < 1 min
 
 docs/performance.md says what is measured and how.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import sys
 
 from absl import app
@@ -29,6 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import orchestrate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import scale  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rf_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SETTINGS = {
@@ -80,6 +84,19 @@ _SETTINGS = {
 _QUICK = flags.DEFINE_boolean('quick', False,
                               'smoke test (< 2 min): 128 px, batch 8/16, 2 steps, 1 round')
 _JSON = flags.DEFINE_string('json', '', 'write the report here')
+_SCALE = flags.DEFINE_string(
+    'scale', None, "instead: every phase of the study (generate, prepare, loader epochs, train, "
+    "SIGTERM and resume, evaluate, report, predict) on N synthetic 256 px training chips, or "
+    f"'full' ({scale.REAL_TRAIN_CHIPS:,}, the real dataset); with --quick the tiny network "
+    'at 96 px (benchmarks/scale.py)')
+_SCALE_TEST = flags.DEFINE_integer(
+    'scale-test', None, 'test chips for --scale (default: the real 61,191 in proportion)')
+_SCALE_DIR = flags.DEFINE_string(
+    'scale-dir', None, 'where --scale writes its data (default: a new folder in the current '
+    'directory; about 1.05 MB of disk per chip, raw and prepared)')
+_SCALE_STEPS = flags.DEFINE_integer(
+    'scale-steps', 24, 'train steps before each SIGTERM (the checkpoint period) for --scale')
+_SCALE_KEEP = flags.DEFINE_boolean('scale-keep', False, "keep --scale's data (else deleted)")
 _CONV_PROFILE = flags.DEFINE_boolean(
     'conv-profile', False, 'instead: time each ResNet-18 conv shape alone (fwd, fwd+bwd)')
 _PIPELINE_ONLY = flags.DEFINE_boolean(
@@ -112,9 +129,54 @@ def _print_header(report: dict, settings: common.Settings) -> None:
         f'LD_PRELOAD {settings.preload or "none"}; wall {report.get("wall_s", 0):.0f} s')
 
 
+def _scale() -> dict:
+  """--scale: the phases on generated data (benchmarks/scale.py); the report's `scale`."""
+  value = _SCALE.value.strip().lower()
+  if value != 'full' and not (value.isdigit() and int(value) >= 60):
+    sys.exit(f"error: --scale={_SCALE.value}: give a number of training chips (60 or more) or "
+             f"'full' ({scale.REAL_TRAIN_CHIPS:,})")
+  train_chips = scale.REAL_TRAIN_CHIPS if value == 'full' else int(value)
+  test_chips = (scale.default_test_chips(train_chips) if _SCALE_TEST.value is None
+                else _SCALE_TEST.value)
+  if _SCALE_DIR.value:
+    root = pathlib.Path(_SCALE_DIR.value).expanduser().resolve()
+    if root.exists() and any(root.iterdir()):
+      sys.exit(f'error: --scale-dir={root} is not empty: give a new or empty folder')
+  else:
+    root = pathlib.Path.cwd() / f'scale_{train_chips}'
+    if root.exists():
+      sys.exit(f'error: {root} exists (an earlier --scale run kept it?): remove it or give '
+               '--scale-dir')
+  need_gb = (train_chips + test_chips) * 2 * scale.CHIP_SIZE ** 2 * 4 * 2 / 1e9
+  existing = next(p for p in (root, *root.parents) if p.exists())
+  free_gb = shutil.disk_usage(existing).free / 1e9
+  if need_gb > 0.95 * free_gb:
+    sys.exit(f'error: --scale {train_chips} with {test_chips} test chips needs about '
+             f'{need_gb:.1f} GB of disk (raw and prepared), {free_gb:.1f} GB is free there: '
+             'lower --scale-test (the test phase then extrapolates per chip) or --scale-dir '
+             'elsewhere')
+  print(f'--scale: {train_chips:,} training and {test_chips:,} test chips of '
+        f'{scale.CHIP_SIZE} px in {root} (about {need_gb:.1f} GB, deleted at the end'
+        f'{" unless --scale-keep" if not _SCALE_KEEP.value else ": no, --scale-keep"})',
+        flush=True)
+  result = scale.run(train_chips, test_chips, root, quick=_QUICK.value,
+                     steps=_SCALE_STEPS.value, keep=_SCALE_KEEP.value)
+  return {'scale': result, 'table': scale.table(result)}
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}: every option is a --flag')
+  if _SCALE.value is not None:
+    try:
+      report = _scale()
+    except scale.PhaseError as e:
+      sys.exit(f'error: a --scale phase failed: {e}')
+    print(report['table'])
+    if _JSON.value:
+      pathlib.Path(_JSON.value).write_text(json.dumps(report, indent=1))
+      print(f'wrote {_JSON.value}')
+    return
   if _CONV_PROFILE.value + _PIPELINE_ONLY.value + _PROFILE.value > 1:
     sys.exit('error: --conv-profile, --pipeline-only and --profile each replace the '
              'benchmark: give one')

@@ -48,7 +48,8 @@ _GROUPS = {'test_multihost': 'processes', 'test_kill_restart': 'processes',
 # Queued alternately to the two workers: the groups that start processes of their own
 # ('processes', test_bad_inputs) each beside in-process ones (test_train, test_train_fidelity).
 _SLOWEST_FIRST = ('test_multihost', 'test_kill_restart', 'test_device_check', 'test_train', 'test_bad_inputs',
-                  'test_train_fidelity', 'test_fusion', 'test_evaluate', 'test_benchmark',
+                  'test_train_fidelity', 'test_fusion', 'test_evaluate', 'test_scale',
+                  'test_benchmark',
                   'test_resnet', 'test_device_cache', 'test_data_prepare', 'test_augment',
                   'test_op_profile')
 

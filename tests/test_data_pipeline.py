@@ -172,7 +172,7 @@ def test_resume_continues_exactly_on_any_process_count(prepared_synthetic, cache
 def test_batches_reach_the_cpu_device_without_a_copy(prepared_synthetic, cache):
   """Batches are 64-byte aligned, so XLA:CPU adopts them as they are; the host cache hands an
   evaluation batch over as a read-only view of the held split (no copy either)."""
-  runner = runner_lib.create_runner('jit', flips=False)  # only its put_batch is used
+  runner = runner_lib.create_runner('jit', tta='none')  # only its put_batch is used
   train = next(_loader(prepared_synthetic, cache=cache))
   evaluation = next(iter(pipeline.eval_batches(prepared_synthetic, 'validation', batch_size=8,
                                                cache=cache)))
@@ -250,7 +250,8 @@ def test_eval_process_slices_concatenate_to_the_global_batches(prepared_syntheti
 def test_cache_that_does_not_fit_is_one_clear_error(tiny, monkeypatch):
   monkeypatch.setattr(pipeline, 'available_host_bytes', lambda: 1000)
   n = len(tiny.validation)
-  for cache, needed in (('host', 1), ('device', 2)):  # device on CPU: a second copy in RAM
+  # device on CPU: the first device adopts the staged array, each further one copies it
+  for cache, needed in (('host', 1), ('device', jax.local_device_count())):
     with pytest.raises(planet.PlanetDataError) as raised:
       pipeline.eval_batches(tiny, 'validation', batch_size=4, cache=cache,
                             to_device=parallel.replicate)
@@ -258,6 +259,26 @@ def test_cache_that_does_not_fit_is_one_clear_error(tiny, monkeypatch):
     assert f"config.data.cache='{cache}'" in message and f'{n:,} chips x 16x16x4 uint8' in message
     assert f'{n * 16 * 16 * 4 * needed / 1e9:.3g} GB of host RAM, 1e-06 GB available' in message
     assert '--config.data.cache=' in message
+
+
+def test_a_run_is_refused_when_its_splits_do_not_fit_together(tiny, monkeypatch, tmp_path):
+  """Each split alone fits, both do not: a training run is refused before its model is built
+  and before the training split is read, not when the validation split comes after it."""
+  from rf_jax import train  # pylint: disable=g-import-not-at-top
+  import tiny_configs  # pylint: disable=g-import-not-at-top
+  chip = tiny.train[0]['image'].nbytes
+  monkeypatch.setattr(pipeline, 'available_host_bytes',
+                      lambda: chip * (len(tiny.train) + len(tiny.validation) // 2))
+  config = tiny_configs.tiny('rgb', tmp_path, tmp_path)
+  config.batch_size, config.data.crop_size = 4, tiny.chip_size
+  config.data.cache = 'host'
+  with pytest.raises(planet.PlanetDataError) as raised:
+    train._check_data_fits(config, tiny)
+  assert (f'whole train ({len(tiny.train):,} chips) and validation ({len(tiny.validation):,} '
+          'chips) splits') in str(raised.value)
+  config.data.cache = 'none'
+  train._check_data_fits(config, tiny)  # nothing held: nothing to check
+  pipeline.eval_batches(tiny, 'validation', batch_size=4, cache='host')  # alone it fits
 
 
 def test_bad_arguments(prepared_synthetic):

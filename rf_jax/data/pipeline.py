@@ -21,7 +21,8 @@ saved on one topology resumes exactly on another.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 import concurrent.futures
 import json
 import os
@@ -151,30 +152,36 @@ def available_host_bytes() -> int:
   return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
-def _device_free_bytes() -> tuple[int | None, str]:
-  """Free accelerator memory on the fullest local device (None where the device is the host's
-  RAM, which reports no limit), and that device's name."""
+def _device_free_bytes() -> tuple[int | None, str, int]:
+  """Free accelerator memory on the fullest local device (None where the devices are the
+  host's RAM, which reports no limit), that device's name, and the local devices."""
   import jax  # pylint: disable=g-import-not-at-top
   free = []
   for device in jax.local_devices():
     stats = device.memory_stats() or {}
     if 'bytes_limit' in stats:
       free.append((stats['bytes_limit'] - stats.get('bytes_in_use', 0), str(device)))
-  return min(free) if free else (None, str(jax.local_devices()[0]))
+  name = str(jax.local_devices()[0])
+  return (*(min(free) if free else (None, name)), jax.local_device_count())
 
 
 def _gb(nbytes: int) -> str:
   return f'{nbytes / 1e9:.3g} GB'
 
 
-def _check_fits(source, split: str, cache: str) -> None:
-  """One clear error when the split cannot be held where `cache` puts it."""
-  first = source[0]['image']
-  nbytes = len(source) * first.nbytes
+def check_fits(sources: Mapping[str, Any], cache: str) -> None:
+  """One clear error when the splits cannot all be held where `cache` puts them: checked for
+  every split a run will hold before any is read (a training run holds train and validation)."""
+  if cache == 'none':
+    return
+  first = next(iter(sources.values()))[0]['image']
+  nbytes = sum(len(source) for source in sources.values()) * first.nbytes
   host = available_host_bytes()
-  device_free, device = _device_free_bytes() if cache == 'device' else (None, '')
-  # Staged in RAM first; a device without its own memory (CPU) holds a second copy there.
-  host_needed = nbytes * (2 if cache == 'device' and device_free is None else 1)
+  device_free, device, devices = (_device_free_bytes() if cache == 'device' else (None, '', 1))
+  # Staged in RAM first. Devices without memory of their own (CPU) adopt the staged, aligned
+  # array: one CPU device holds no second copy (at 10,000 chips cache 'device' peaked at the
+  # RSS of 'host', docs/performance.md "At full size"), each further one a copy.
+  host_needed = nbytes * (devices if cache == 'device' and device_free is None else 1)
   short = []
   if host_needed > host:
     short.append(f'{_gb(host_needed)} of host RAM, {_gb(host)} available')
@@ -182,15 +189,17 @@ def _check_fits(source, split: str, cache: str) -> None:
     short.append(f'{_gb(nbytes)} on each device, {_gb(device_free)} free on {device}')
   if short:
     others = ', '.join(f"'{c}'" for c in CACHES if c != cache)
+    held = ' and '.join(f'{split} ({len(source):,} chips)' for split, source in sources.items())
     raise planet.PlanetDataError(
-        f"config.data.cache='{cache}' holds the whole {split} split: {len(source):,} chips x "
+        f"config.data.cache='{cache}' holds the whole {held} split"
+        f'{"s" if len(sources) > 1 else ""}: {sum(map(len, sources.values())):,} chips x '
         f'{"x".join(map(str, first.shape))} {first.dtype} = {_gb(nbytes)}, which needs '
         f'{" and ".join(short)}. Use --config.data.cache= one of {others} (\'none\' reads each '
         "batch's records from disk).")
 
 
 def _held(source, split: str, cache: str, threads: int, to_device: Callable | None):
-  _check_fits(source, split, cache)
+  check_fits({split: source}, cache)
   images, labels = read_split(source, threads)
   if cache == 'host':
     return _HostArrays(images, labels)
