@@ -164,22 +164,8 @@ def _scale() -> dict:
   return {'scale': result, 'table': scale.table(result)}
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}: every option is a --flag')
-  if _SCALE.value is not None:
-    try:
-      report = _scale()
-    except scale.PhaseError as e:
-      sys.exit(f'error: a --scale phase failed: {e}')
-    print(report['table'])
-    if _JSON.value:
-      pathlib.Path(_JSON.value).write_text(json.dumps(report, indent=1))
-      print(f'wrote {_JSON.value}')
-    return
-  if _CONV_PROFILE.value + _PIPELINE_ONLY.value + _PROFILE.value > 1:
-    sys.exit('error: --conv-profile, --pipeline-only and --profile each replace the '
-             'benchmark: give one')
+def _speed() -> dict:
+  """The benchmark against PyTorch, or the one measurement that replaces it."""
   settings = _settings()
   xla_cpu.set_default_flags()  # the flags training runs with; every child process inherits them
   if settings.size < 96:
@@ -187,16 +173,31 @@ def main(argv: list[str]) -> None:
           file=sys.stderr)
   try:
     if _CONV_PROFILE.value:
-      report = orchestrate.conv_profile(settings)
-    elif _PIPELINE_ONLY.value:
-      report = orchestrate.pipeline_only(settings)
-    elif _PROFILE.value:
-      report = orchestrate.profile(settings)
-    else:
-      report = orchestrate.benchmark(settings)
-      _print_header(report, settings)
+      return orchestrate.conv_profile(settings)
+    if _PIPELINE_ONLY.value:
+      return orchestrate.pipeline_only(settings)
+    if _PROFILE.value:
+      return orchestrate.profile(settings)
+    report = orchestrate.benchmark(settings)
+    _print_header(report, settings)
+    return report
   except orchestrate.ChildError as e:
     sys.exit(f'error: {e}')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}: every option is a --flag')
+  if (_SCALE.value is not None) + _CONV_PROFILE.value + _PIPELINE_ONLY.value + _PROFILE.value > 1:
+    sys.exit('error: --scale, --conv-profile, --pipeline-only and --profile each replace the '
+             'benchmark: give one')
+  if _SCALE.value is not None:
+    try:
+      report = _scale()
+    except scale.PhaseError as e:
+      sys.exit(f'error: a --scale phase failed: {e}')
+  else:
+    report = _speed()
   print(report['table'])
   if _JSON.value:
     pathlib.Path(_JSON.value).write_text(json.dumps(report, indent=1))
