@@ -12,13 +12,17 @@ The chips are resampled with replacement, ``resamples`` times, from ``np.random.
   each chip keeping the fold it has among all chips, so that a chip drawn twice is never both
   tuned on and scored.
 
-A resample is computed as chip multiplicities (weights) rather than copied rows: one sort of the
-scores serves every resample (metrics.py's ``*_weighted`` functions, equal to the metric of the
-copied rows). Every resample gets every metric, so that all differences are paired on the same
+A resample is computed as chip multiplicities (counts) rather than copied rows: one sort of the
+scores serves every resample, and each metric of a resample equals that of its copied rows
+(metrics.py's ``*_weighted`` functions and its threshold search ``metrics._ThresholdSearch``,
+which tunes all resamples together exactly as :func:`rf_jax.metrics.tune_thresholds` would on
+each). Every resample gets every metric, so that all differences are paired on the same
 resampled chips. The time grows with chips x resamples and is mostly the threshold searches (of
-``f2_tuned`` and of the cross-fit's k folds): 2,000 resamples of 400 chips x 17 tags take ~6 s of
-one CPU core per run, of the Kaggle validation split's 13,400 chips ~8 min (measured on a shared
-2-core machine); fewer resamples (config.compare.resamples) cost proportionally less.
+``f2_tuned`` and of the cross-fit's k folds, ~85%): 2,000 resamples of the Kaggle validation
+split's 13,359 chips x 17 tags take ~12-14 s of one CPU core per run, of 400 chips ~1.3 s
+(measured on a busy 2-core machine; the per-resample search before it took ~10 min and ~6 s);
+fewer resamples (config.compare.resamples) cost proportionally less. Memory: a few [resamples
+per pass, N] arrays (_CELLS_PER_PASS) besides the [B, N] resample indices.
 
 Intervals are 95% percentile intervals. A resample holds ~63% distinct chips, so thresholds
 tuned on it fit it more closely than thresholds tuned on the chips themselves: the replicates of
@@ -60,11 +64,13 @@ def resample_indices(num_chips: int, resamples: int, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, num_chips, (resamples, num_chips))
 
 
-def _counts(indices: np.ndarray, num_chips: int) -> np.ndarray:
-  """How often each chip is drawn in each resample, float [B, N]."""
+def _counts(indices: np.ndarray, num_chips: int, dtype=np.float64) -> np.ndarray:
+  """How often each chip is drawn in each resample, [B, N]."""
   rows = np.arange(len(indices))[:, None] * num_chips
-  return np.bincount((rows + indices).ravel(), minlength=indices.size).reshape(
-      indices.shape).astype(np.float64)
+  counts = np.bincount((rows + indices).ravel(), minlength=indices.size).reshape(indices.shape)
+  if np.issubdtype(dtype, np.integer) and counts.max() > np.iinfo(dtype).max:
+    dtype = np.float64
+  return counts.astype(dtype)
 
 
 def _mean_over_tags(ap: np.ndarray) -> np.ndarray:
@@ -81,7 +87,9 @@ def replicates(labels, scores, indices: np.ndarray, *, folds: int,
   Returns ``{'map', 'f2_at_0.5', 'f2_tuned', 'f2_tuned_crossfit'}``: float [B], and ``'ap'``:
   float [B, K] (NaN where the resample has no positive of the tag). Row b equals the metrics of
   ``labels[indices[b]], scores[indices[b]]``; the cross-fit's folds are those of
-  ``metrics.crossfit_folds(N, folds, fold_seed)``, carried by each chip into the resample.
+  ``metrics.crossfit_folds(N, folds, fold_seed)``, carried by each chip into the resample. The
+  resamples are taken _CELLS_PER_PASS / N at a time, as uint8 counts (a chip drawn more than 255
+  times in one resample falls back to float weights).
   """
   y, s = M._check(labels, scores)
   s = s.astype(np.float64)
@@ -89,26 +97,29 @@ def replicates(labels, scores, indices: np.ndarray, *, folds: int,
   fold = M.crossfit_folds(n, folds, fold_seed)
   # Everything that does not depend on the resample, once: the scores' orders and the search
   # set-ups (on all chips, and on all but each fold).
-  ap = M._APPlan(y, s)
-  tuned = M._ThresholdSearch(y, s)
-  crossfit = [(fold == f, M._ThresholdSearch(y, s, tuned_on=fold != f)) for f in range(folds)]
+  order = M._decreasing(s)
+  ap = M._APPlan(y, s, order)
+  tuned = M._ThresholdSearch(y, s, order=order)
+  crossfit = [(fold == f, M._ThresholdSearch(y, s, tuned_on=fold != f, order=order))
+              for f in range(folds)]
   b = len(indices)
   out = {m: np.empty(b) for m in METRICS}
   out['ap'] = np.empty((b, k))
   step = max(1, _CELLS_PER_PASS // n)
+  buf = M._Buffers()  # [rows, N] work arrays, reused chunk after chunk
   for start in range(0, b, step):
     rows = slice(start, start + step)
-    counts = _counts(indices[rows], n)
-    total = counts.sum(1)
+    counts = _counts(indices[rows], n, np.uint8)  # the metrics' integer paths
+    total = counts.sum(1, dtype=np.float64)
+    chip_f2 = buf('f2', counts.shape, np.float64)  # w * F2 of each chip
     out['ap'][rows] = ap(counts)
     out['map'][rows] = _mean_over_tags(out['ap'][rows])
-    # F2 is a mean over chips of each chip's F2 (w * F2 of every chip at the thresholds).
-    out['f2_at_0.5'][rows] = (counts * tuned.f2_start).sum(1) / total
-    out['f2_tuned'][rows] = tuned(counts)[1].sum(1) / total
-    chip_f2 = np.empty_like(counts)  # each chip at the thresholds tuned without its fold
+    out['f2_at_0.5'][rows] = np.multiply(counts, tuned.f2_start, out=chip_f2).sum(1) / total
+    out['f2_tuned'][rows] = tuned(counts, out=chip_f2)[1].sum(1) / total
+    crossfit_f2 = buf('crossfit', counts.shape, np.float64)  # at the thresholds of other folds
     for held, search in crossfit:
-      chip_f2[:, held] = search(counts)[1][:, held]
-    out['f2_tuned_crossfit'][rows] = chip_f2.sum(1) / total
+      crossfit_f2[:, held] = search(counts, out=chip_f2)[1][:, held]
+    out['f2_tuned_crossfit'][rows] = crossfit_f2.sum(1) / total
   return out
 
 

@@ -23,12 +23,15 @@ Definitions (../shared/DESIGN.md section 1):
   on the other folds of a seeded k-fold split; F2 at thresholds tuned on all chips is optimistic.
 * The ``*_weighted`` functions compute AP, F2 and the tuning for many chip multiplicities at once
   (bootstrap resamples, folds): row b equals the plain function on the chips repeated that often.
+  They serve rf_jax/bootstrap.py, whose 2,000 resamples of the 13,359 validation chips each get
+  all of them; :class:`_ThresholdSearch` says how the tuning does that in seconds.
 * :func:`tail_accuracy`: for one tag, over its ``top_n`` highest-scored chips, for each t:
   ``sum_i 1[f_i > t] 1[pred_i == y_i] / sum_i 1[f_i > t]`` with ``pred_i = 1[f_i > 0.5]``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -89,9 +92,18 @@ def _rows_per_pass(num_chips: int) -> int:
 def _as_counts(w: np.ndarray):
   """``w`` as small unsigned integers when every weight is a whole number (bootstrap counts,
   folds' 0/1 masks), else None: integer cumulative sums are exact and several times faster."""
-  if w.size and w.max() < 256 and np.array_equal(w, np.floor(w)):
+  if not w.size or w.max() >= 256:
+    return None
+  if w.dtype == np.uint8:
+    return w
+  if np.issubdtype(w.dtype, np.integer) or np.array_equal(w, np.floor(w)):
     return w.astype(np.uint8)
   return None
+
+
+def _decreasing(s: np.ndarray) -> np.ndarray:
+  """Each column's chips in decreasing score order, ties in chip order, int [N, K]."""
+  return np.argsort(-s, axis=0, kind='stable')
 
 
 class _Buffers:
@@ -103,7 +115,7 @@ class _Buffers:
     self._flat = {}
 
   def __call__(self, name: str, shape: tuple, dtype) -> np.ndarray:
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     flat = self._flat.get(name)
     if flat is None or flat.dtype != np.dtype(dtype) or flat.size < size:
       flat = self._flat[name] = np.empty(size, dtype)
@@ -114,11 +126,11 @@ class _APPlan:
   """The weight-independent part of :func:`average_precision_weighted`: per tag, the decreasing
   score order, where its positives sit in it and the end of each one's tie group."""
 
-  def __init__(self, y: np.ndarray, s: np.ndarray):
+  def __init__(self, y: np.ndarray, s: np.ndarray, order: np.ndarray | None = None):
     n, k = y.shape
     # Decreasing score order (scikit-learn: stable argsort, then reversed; any order within a tie
     # group gives the same result because only group ends are thresholds).
-    self.order = np.argsort(-s, axis=0, kind='stable')
+    self.order = _decreasing(s) if order is None else order
     s_sorted = np.take_along_axis(s, self.order, axis=0)
     y_sorted = np.take_along_axis(y, self.order, axis=0)
     # Position i is a threshold when it is the last of its tie group.
@@ -137,7 +149,6 @@ class _APPlan:
       stop = int(pos_end.max()) + 1 if pos.size else 0
       self.tags.append((self.order[:stop, j], pos, pos_end, last))
     self.buffers = _Buffers()
-    self.terms = None
 
   def __call__(self, w: np.ndarray) -> np.ndarray:
     """AP [R, K] of the rows of ``w`` [R, N]."""
@@ -145,9 +156,6 @@ class _APPlan:
     source, acc = (w, np.float64) if counts is None else (counts, np.int64)
     rows = len(w)
     buf = self.buffers
-    if self.terms is None or self.terms.shape[0] < rows:
-      self.terms = np.zeros((rows, len(self.order)))  # zero but at a tag's positives, in use
-    terms = self.terms[:rows]
     ap = np.empty((rows, len(self.tags)))
     for j, (order, pos, pos_end, last) in enumerate(self.tags):
       if not pos.size:
@@ -172,16 +180,8 @@ class _APPlan:
         else:  # no weight counted yet means no true positive either: 0 / 1
           np.divide(tps_end, np.maximum(counted_end, 1, out=counted_end), out=precision)
       # Each positive adds 1/P recall at its group's threshold, at that threshold's precision.
-      # Summed as [R, N] rows in score order, zeros at the negatives: the same additions in the
-      # same order as the formula on every chip.
-      terms[:, pos] = np.multiply(precision, w_pos, out=precision)
-      total = terms.sum(axis=1)
-      if counts is None:  # fractional weights: their sum, too, in the formula's order
-        terms[:, pos] = w_pos
-        num_pos = terms.sum(axis=1)
-      else:
-        num_pos = w_pos.sum(axis=1, dtype=np.float64)
-      terms[:, pos] = 0.0
+      total = np.multiply(precision, w_pos, out=precision).sum(axis=1)
+      num_pos = w_pos.sum(axis=1, dtype=np.float64)
       with np.errstate(invalid='ignore', divide='ignore'):
         ap[:, j] = np.where(num_pos > 0, total / num_pos, np.nan)
     return ap
@@ -311,6 +311,8 @@ def tune_thresholds_weighted(labels, scores, weights, *, candidates: Sequence[fl
 # Distinct weights of one pass that _ThresholdSearch folds into its lookup tables (bootstrap
 # counts have ~10); with more, it multiplies by the weights instead.
 _MAX_WEIGHT_VALUES = 64
+# Thresholds whose chips _ThresholdSearch sums first; the others' are bounded (its doc).
+_WINDOW = (0.05, 0.95)
 
 
 class _ThresholdSearch:
@@ -318,23 +320,35 @@ class _ThresholdSearch:
 
   ``search(w)`` tunes every row of ``w`` [R, N] on the chips ``tuned_on`` (bool [N]; None: all;
   the others count as weight 0 there, e.g. a cross-fit's held-out fold) and returns the
-  thresholds [R, K] and ``w * F2`` of every chip (tuned on or not) at them, [R, N].
+  thresholds [R, K] and ``w * F2`` of every chip (tuned on or not) at them, [R, N] (written to
+  ``out`` when given). Row b's thresholds are those the coordinate search finds on its chips.
 
-  How: a chip's F2 depends only on its state, its true positives T and D = 4 |true| + |predicted|
-  (small integers), so every chip gain of the search, ``(y d - t) 5 w / (d (d + 1))`` with
-  t = T - y p, d = D - p without tag j (p: tag j predicted now), is read from a table indexed by
-  (weight, y, p, T, D) that holds exactly that expression: each row keeps one int32 code per
-  chip, updated only for the chips a threshold move flips. A threshold predicts a prefix of the
-  chips in decreasing score order, so the F2 of every candidate is a running sum over that
-  order, taken per segment between candidates (``np.add.reduceat``) over the chips whose tag j
-  some candidate (or the start, 0.5) sets and another does not: chips above every candidate
-  gain the same at all of them, which cannot change the choice. A row is skipped at tag j after
-  its first sweep when none of its thresholds moved since it last visited tag j: it would find
-  what it found then, no move (the same F2s).
+  How. A chip's F2 depends only on its state, its true positives T and D = 4 |true| + |predicted|
+  (small integers). Each row keeps one code per chip, its weight's index and state, updated
+  only for the chips a threshold move flips. The gain of predicting tag j of a chip,
+  ``(y d - t) 5 w / (d (d + 1))`` with t and d its T and D without tag j, is read from a table
+  indexed by (weight, t, d, y) that holds exactly that expression, as tune_thresholds always
+  computed it. A threshold predicts a prefix of the chips in decreasing score order, so the F2
+  of every candidate is a running sum of gains over that order, summed per segment between
+  candidates (``np.add.reduceat``), over the chips some candidate (or the start, 0.5) predicts
+  and another does not: chips above every candidate gain the same at all of them, which cannot
+  change the choice.
+
+  Two shortcuts, both exact. (1) After its first sweep a row skips tag j when none of its
+  thresholds moved since it last visited tag j: it would find the sums it found then, and no
+  move. (2) A row whose tag j is at a threshold in _WINDOW sums first the chips scoring inside
+  it only: the candidates below the window add chips scoring below it, which gain at most
+  ``5 w / (4 |true| + 1)`` each when positive and nothing when negative; those above drop
+  chips, which gain at most ``w / (5 |true| + 1)`` each when negative (``zero_division w``
+  without true tags) and lose when positive. When these bounds put every candidate outside
+  the window below the best one inside it by more than the tolerance (and a margin for
+  rounding), the best is inside and so are all within the tolerance of it: the decision is
+  that of the full sums, which the row computes otherwise.
   """
 
   def __init__(self, y: np.ndarray, s: np.ndarray, *, tuned_on: np.ndarray | None = None,
-               candidates: Sequence[float] | None = None, zero_division: float = 0.0):
+               candidates: Sequence[float] | None = None, zero_division: float = 0.0,
+               order: np.ndarray | None = None):
     cand = (DEFAULT_CANDIDATES if candidates is None
             else np.unique(np.asarray(candidates, np.float64)))
     if cand.ndim != 1 or cand.size == 0:
@@ -349,65 +363,113 @@ class _ThresholdSearch:
     # Threshold states of a tag: r < M is cand[r], r == M the start (0.5, a candidate or not).
     self.values = np.append(cand, DEFAULT_THRESHOLD)
     self.distance = np.abs(cand - DEFAULT_THRESHOLD)
-    # Chip state code: T * nd + D (T <= K, D <= 5 K); the tables add the weight, y and p.
+    # A chip's code: 2 (u ns + T nd + D), T <= K, D <= 5 K; + y in the gain table's index.
     self.nd = 5 * k + 1
     self.ns = (k + 1) * self.nd
     ntrue = y.sum(1)
     pred = s > DEFAULT_THRESHOLD
     tp = (y * pred).sum(1)
     npred = pred.sum(1)
-    self.start_state = (tp * self.nd + 4 * ntrue + npred).astype(np.int32)
+    self.start_state = (tp * self.nd + 4 * ntrue + npred).astype(np.int64)
     self.f2_start = _f2_per_chip(tp, ntrue, npred, self.zero_division)  # each chip's F2 at 0.5
-    order = np.argsort(-s, axis=0, kind='stable')
-    s_asc = np.sort(s, axis=0)
+    # The window's states, and the bounds of the gains of the chips outside it (class doc).
+    inside = np.append((cand >= _WINDOW[0]) & (cand <= _WINDOW[1]), True)
+    windowed = inside.sum() > 1 and not inside.all() and self.zero_division >= 0
+    with np.errstate(divide='ignore'):
+      gain_low = 5.0 / (4.0 * ntrue + 1.0)  # a positive's, below the window
+      gain_high = np.where(ntrue > 0, 1.0 / (5.0 * ntrue + 1.0), self.zero_division)  # a negative's
+    order = _decreasing(s) if order is None else order  # (order: the scores', if known)
+    s_asc = np.take_along_axis(s, order[::-1], axis=0)
     self.tags = []
     for j in range(k):
       # chips predicted at each state: those scoring above its threshold, a prefix of order_j
       full_cut = n - np.searchsorted(s_asc[:, j], self.values, side='right')
       order_j = order[:, j]
-      flip = (y[order_j, j] * self.nd + 1).astype(np.int32)  # code change when tag j turns on
       if self.tuned_on is None:
         sub, cut = order_j, full_cut
       else:
         on = self.tuned_on[order_j]
         sub = order_j[on]
         cut = np.concatenate([[0], np.cumsum(on)])[full_cut]
-      lo, hi = cut.min(), cut.max()
-      if lo == hi:  # every state predicts the same chips: the tag never moves
+      if cut.min() == cut.max():  # every state predicts the same chips: the tag never moves
         self.tags.append(None)
         continue
-      bounds = np.unique(cut)  # segment ends, lo .. hi
-      cols = sub[lo:hi]
-      self.tags.append(dict(
-          cols=cols, starts=bounds[:-1] - lo, segment=np.searchsorted(bounds, cut),
-          cut=cut - lo, positive=y[cols, j].astype(np.int32), order=order_j,
-          full_cut=full_cut, flip=flip))
+      tag = dict(order=order_j, full_cut=full_cut,
+                 flip=(2 * (y[order_j, j] * self.nd + 1)).astype(np.int32),  # code change, j on
+                 full=self._span(y[:, j], sub, cut, np.ones(len(cut), bool)), window=None)
+      if windowed:
+        first, last = cut[inside].max(), cut[inside].min()  # positions the window's chips take
+        low, high = sub[first:cut.max()], sub[cut.min():last]
+        low, high = low[y[low, j] == 1], high[y[high, j] == 0]
+        kept = np.flatnonzero(inside[:-1])  # the window's candidates
+        tag['window'] = dict(self._span(y[:, j], sub, cut, inside), inside=inside, kept=kept,
+                             low=low, gain_low=gain_low[low], high=high, gain_high=gain_high[high],
+                             # whether there are candidates below / above it
+                             below=kept[0] > 0, above=kept[-1] < len(cand) - 1)
+      self.tags.append(tag)
+    self.buffers = _Buffers()
+
+  def _span(self, y_j, sub, cut, states):
+    """The chips some of ``states`` predict and another does not, and their segments."""
+    lo, hi = cut[states].min(), cut[states].max()
+    bounds = np.unique(cut[states])  # segment ends, lo .. hi
+    cols = sub[lo:hi]
+    return dict(cols=cols, starts=bounds[:-1] - lo, cut=np.clip(cut - lo, 0, hi - lo),
+                segment=np.searchsorted(bounds, np.clip(cut, lo, hi)),
+                positive=y_j[cols].astype(np.intp),
+                flip_cols=(2 * (y_j[cols] * self.nd + 1)).astype(np.intp))
 
   def _tables(self, weight_values: np.ndarray):
-    """The gain table [2 (y), 2 (p), U, T, D] and the weighted-F2 table [U, T, D], flattened:
-    a chip's code is ``u ns + T nd + D`` (u: its weight's index), the gain's index adds
-    ``(2 y + p) U ns``."""
-    t_all = np.arange(self.ns // self.nd, dtype=np.float64)[:, None]
-    d_all = np.arange(self.nd, dtype=np.float64)[None, :]
-    u = len(weight_values)
-    gain = np.zeros((2, 2, u, len(t_all), self.nd))
-    f2 = np.zeros((u, len(t_all), self.nd))
+    """The gain table [U, T, D, 2 (y)] and the weighted-F2 table [U, T, D, 2 (one used)],
+    flattened: a chip's code (2 (u ns + T nd + D)) indexes the F2 table, code + y the gains."""
+    t = np.arange(self.ns // self.nd, dtype=np.float64)[:, None]
+    d = np.arange(self.nd, dtype=np.float64)[None, :]
+    gain = np.zeros((len(weight_values), len(t), self.nd, 2))
+    f2 = np.zeros(gain.shape)
     with np.errstate(invalid='ignore', divide='ignore'):
-      chip_f2 = _f2_per_chip(t_all, 0.0, d_all, self.zero_division)  # 5 T / D (D = 4 |true| + |pred|)
+      chip_f2 = _f2_per_chip(t, 0.0, d, self.zero_division)  # 5 T / D (D = 4 |true| + |pred|)
       for i, w in enumerate(weight_values):
         five_w = 5.0 * w
-        f2[i] = w * chip_f2
+        f2[i, :, :, 0] = w * chip_f2
         for yy in (0, 1):
-          for p in (0, 1):
-            t, d = t_all - yy * p, d_all - p  # without tag j
-            # As tune_thresholds always computed it: one rounding, at the division.
-            g = (yy * d - t) * five_w / (d * (d + 1.0) + (d == 0))
-            if self.zero_division:
-              g = np.where(d == 0, -self.zero_division * w, g)
-            gain[yy, p, i] = np.where((t >= 0) & (d >= 0) & np.isfinite(g), g, 0.0)
+          # As tune_thresholds always computed it: one rounding, at the division.
+          g = (yy * d - t) * five_w / (d * (d + 1.0) + (d == 0))
+          if self.zero_division:
+            g = np.where(d == 0, -self.zero_division * w, g)
+          gain[i, :, :, yy] = np.where(np.isfinite(g), g, 0.0)
     return gain.ravel(), f2.ravel()
 
-  def __call__(self, w: np.ndarray, *, max_sweeps: int = 3):
+  def _sums(self, span, code, rows, current, gain_table, w, folded):
+    """Running sums of the gains of ``span``'s chips at its segment ends, [rows, segments + 1]."""
+    buf = self.buffers
+    cols = span['cols']
+    source = code
+    if len(rows) < len(code):
+      source = np.take(code, rows, axis=0, out=buf('rows', (len(rows), code.shape[1]),
+                                                    code.dtype), mode='clip')
+    gathered = np.take(source, cols, axis=1, out=buf('gathered', (len(rows), len(cols)),
+                                                     code.dtype), mode='clip')
+    index = np.add(gathered, span['positive'], out=buf('index', gathered.shape, np.intp))
+    flip = span['flip_cols']
+    for row, cut in zip(index, span['cut'][current]):
+      row[:cut] -= flip[:cut]  # tag j predicted now: the state without it
+    gains = np.take(gain_table, index, out=buf('gains', gathered.shape, np.float64), mode='clip')
+    if not folded:
+      gains *= (w if len(rows) == len(w) else w[rows]).take(cols, axis=1)
+    sums = np.zeros((len(rows), len(span['starts']) + 1))
+    np.cumsum(np.add.reduceat(gains, span['starts'], axis=1), axis=1, out=sums[:, 1:])
+    return sums
+
+  def _choose(self, value, candidates, now, tol):
+    """tune_thresholds' choice from the F2 (up to a constant) at ``candidates`` [C] and now:
+    whether to move, and to which candidate."""
+    best = value.max(1)
+    better = best > now + tol
+    ok = value >= (best - tol)[:, None]
+    nearest = candidates[np.argmin(np.where(ok, self.distance[candidates], np.inf), axis=1)]
+    return better, nearest, best
+
+  def __call__(self, w: np.ndarray, *, max_sweeps: int = 3, out: np.ndarray | None = None):
     rows_all, n = w.shape
     k = len(self.tags)
     m = len(self.distance)
@@ -423,12 +485,25 @@ class _ThresholdSearch:
     if not folded:  # tables of one weight, 1.0; the gains are multiplied by the weights
       weight_values, weight_index = np.ones(1), np.zeros(w.shape, np.int32)
     gain_table, f2_table = self._tables(weight_values)
-    block = len(weight_values) * self.ns  # codes per (y, p) block of the gain table
+    buf = self.buffers
     # uint16 codes when they fit: the gathers below move half the bytes
-    code = (weight_index.reshape(w.shape).astype(np.int32) * np.int32(self.ns)
-            + self.start_state).astype(np.uint16 if block <= 1 << 16 else np.int32)
+    code = buf('code', w.shape, np.uint16 if gain_table.size <= 1 << 16 else np.int32)
+    np.multiply(weight_index.reshape(w.shape), 2 * self.ns, out=code, dtype=code.dtype,
+                casting='unsafe')
+    code += (2 * self.start_state).astype(code.dtype)
     state = np.full((rows_all, k), m)  # every tag starts at 0.5
-    tolerance = 1e-12 * w_tune.sum(1)  # of sums over the (weighted) chips: 1e-12 per chip
+    total = w_tune.sum(1)
+    tolerance = 1e-12 * total  # of sums over the (weighted) chips: 1e-12 per chip
+    # and the rounding of those sums (|gain| <= max(5, zero_division) w), with room
+    margin = tolerance + 1e-8 * (5.0 + self.zero_division) * total
+    # Per row, the most the chips outside each tag's window could add (class doc).
+    slack = []
+    for tag in self.tags:
+      window = None if tag is None else tag['window']
+      slack.append(None if window is None else tuple(
+          w.take(window[side], axis=1) @ window['gain_' + side] + margin if window[where]
+          else np.full(rows_all, -np.inf) for side, where in (('low', 'below'), ('high', 'above'))))
+    all_candidates = np.arange(m)
     moved = np.full(rows_all, -k - 1)  # step of each row's last threshold move
     for sweep in range(max_sweeps):
       for j, tag in enumerate(self.tags):
@@ -442,27 +517,36 @@ class _ThresholdSearch:
             continue
           if 2 * rows.size > rows_all:  # visiting them all is cheaper than selecting
             rows = np.arange(rows_all)
-        every = len(rows) == rows_all
-        index = (code if every else code[rows]).take(tag['cols'], axis=1)
-        index = np.add(index, tag['positive'] * np.int32(2 * block), dtype=np.int32)
-        current = state[rows, j]
-        for row, cut in zip(index, tag['cut'][current]):
-          row[:cut] += block  # tag j predicted now
-        gains = gain_table.take(index)
-        if not folded:
-          gains *= (w if every else w[rows]).take(tag['cols'], axis=1)
-        sums = np.zeros((len(rows), len(tag['starts']) + 1))
-        np.cumsum(np.add.reduceat(gains, tag['starts'], axis=1), axis=1, out=sums[:, 1:])
-        value = sums[:, tag['segment'][:m]]  # F2 gain over the tuned chips, per candidate
-        now = sums[np.arange(len(rows)), tag['segment'][current]]
-        best = value.max(1)
-        tol = tolerance[rows]
-        better = best > now + tol
-        if not better.any():
+        chosen = []  # (rows, move, to which candidate)
+        window = tag['window']
+        if window is not None:
+          inside = window['inside'][state[rows, j]]
+          sub, rows = rows[inside], rows[~inside]
+          if sub.size:
+            current = state[sub, j]
+            sums = self._sums(window, code, sub, current, gain_table, w, folded)
+            kept = window['kept']
+            value = sums[:, window['segment'][kept]]
+            now = sums[np.arange(len(sub)), window['segment'][current]]
+            better, nearest, best = self._choose(value, kept, now, tolerance[sub])
+            edge = value[:, [0, -1]]  # F2 at the window's lowest and highest candidates
+            low, high = slack[j]
+            sure = (edge[:, 0] + low[sub] < best) & (edge[:, 1] + high[sub] < best)
+            chosen.append((sub[sure], better[sure], nearest[sure]))
+            rows = np.sort(np.concatenate([rows, sub[~sure]]))
+        if rows.size:
+          current = state[rows, j]
+          sums = self._sums(tag['full'], code, rows, current, gain_table, w, folded)
+          value = sums[:, tag['full']['segment'][:m]]
+          now = sums[np.arange(len(rows)), tag['full']['segment'][current]]
+          chosen.append((rows, *self._choose(value, all_candidates, now, tolerance[rows])[:2]))
+        rows = np.concatenate([r[b] for r, b, _ in chosen])
+        if not rows.size:
           continue
-        ok = value >= (best - tol)[:, None]
-        nearest = np.argmin(np.where(ok, self.distance, np.inf), axis=1)[better]
-        rows, old = rows[better], current[better]
+        nearest = np.concatenate([c[b] for _, b, c in chosen])
+        in_order = np.argsort(rows)  # as code's rows, for the update below
+        rows, nearest = rows[in_order], nearest[in_order]
+        old = state[rows, j]
         state[rows, j] = nearest
         moved[rows] = step
         # The chips between the old and the new threshold flip tag j (every chip, tuned on or
@@ -470,22 +554,34 @@ class _ThresholdSearch:
         c_old, c_new = tag['full_cut'][old][:, None], tag['full_cut'][nearest][:, None]
         lo, hi = min(c_old.min(), c_new.min()), max(c_old.max(), c_new.max())
         position = np.arange(lo, hi)
-        delta = (position < c_new).astype(np.int32) - (position < c_old)
+        shape = (len(rows), hi - lo)
+        delta = buf('delta', shape, np.int32)
+        delta[...] = np.less(position, c_new, out=buf('less', shape, bool))
+        delta -= np.less(position, c_old, out=buf('less', shape, bool))
         delta *= tag['flip'][lo:hi]
-        cells = np.ix_(rows, tag['order'][lo:hi])
-        code[cells] = code[cells] + delta
+        chips = tag['order'][lo:hi]
+        flipped = np.take(code, chips, axis=1, out=buf('span', (rows_all, hi - lo), code.dtype),
+                          mode='clip')
+        if len(rows) < rows_all:
+          flipped = np.take(flipped, rows, axis=0, out=buf('flipped', shape, code.dtype),
+                            mode='clip')
+        np.add(flipped, delta, out=flipped, casting='unsafe')
+        code[np.ix_(rows, chips)] = flipped
       if not (moved >= sweep * k).any():  # a sweep that moved no row: the next would move none
         break
-    chip_f2 = f2_table.take(code)  # w * F2 of each chip at the found thresholds
+    chip_f2 = np.take(f2_table, code, out=out, mode='clip')  # w * F2 per chip at the thresholds
     if not folded:
       chip_f2 *= w
-    start = w * self.f2_start
-    tuned = chip_f2 if self.tuned_on is None else np.where(self.tuned_on, chip_f2, 0.0)
-    # Guarantee: never below all-0.5 on the chips tuned on (checked; all-0.5 otherwise).
-    worse = tuned.sum(1) < (w_tune * self.f2_start).sum(1)
+    # Guarantee: never below all-0.5 on the chips tuned on (checked; all-0.5 otherwise). As
+    # tune_thresholds always compared them: sums of w * F2 over all chips, 0 where w is.
+    tuned = chip_f2
+    if self.tuned_on is not None:
+      tuned = np.multiply(chip_f2, self.tuned_on, out=buf('tuned', w.shape, np.float64))
+    found = tuned.sum(1)
+    worse = found < np.multiply(w_tune, self.f2_start, out=buf('tuned', w.shape, np.float64)).sum(1)
     thresholds = self.values[state]
     thresholds[worse] = DEFAULT_THRESHOLD
-    chip_f2[worse] = start[worse]
+    chip_f2[worse] = w[worse] * self.f2_start
     return thresholds, chip_f2
 
 

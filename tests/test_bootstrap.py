@@ -10,6 +10,7 @@ from sklearn import metrics as sklearn_metrics
 
 from rf_jax import bootstrap, comparison, config_checks, metrics, report
 from rf_jax.configs import default
+from test_metrics import _plain_tune, _tails_case
 
 TAGS = tuple(f'tag{k}' for k in range(17))
 N = 120  # chips
@@ -79,6 +80,30 @@ def test_replicates_are_the_metrics_of_the_resampled_chips(study):
         _crossfit_reference(y, s, fold[rows], 5), abs=1e-12)
   assert np.isnan(reps['a']['ap'][:, 8]).all()
   assert 0 < np.isnan(reps['a']['ap'][:, 3]).mean() < 0.5  # the rare tag: NaN in some resamples
+
+
+def test_replicates_equal_plain_loops():
+  """Every replicate against plain loops on the rows each resample copies, without the
+  vectorised path or its shortcuts: scikit-learn's AP and F2, and the coordinate search spelled
+  out (test_metrics._plain_tune) on the resample and on each fold's complement in it; on scores
+  that send thresholds below, inside and above metrics._WINDOW."""
+  labels, scores = _tails_case(np.random.default_rng(8), 48)
+  indices = bootstrap.resample_indices(48, 4, seed=2)
+  reps = bootstrap.replicates(labels, scores, indices, folds=4)
+  fold = metrics.crossfit_folds(48, 4, 0)
+  for b, rows in enumerate(indices):
+    y, s, chip_fold = labels[rows].astype(int), scores[rows], fold[rows]
+    ap = [sklearn_metrics.average_precision_score(y[:, k], s[:, k]) if y[:, k].any() else np.nan
+          for k in range(17)]
+    np.testing.assert_allclose(reps['ap'][b], ap, rtol=0, atol=1e-12, equal_nan=True)
+    assert reps['map'][b] == pytest.approx(np.nanmean(ap), abs=1e-12)
+    assert reps['f2_at_0.5'][b] == pytest.approx(_sk_f2(y, (s > 0.5) * 1), abs=1e-12)
+    assert reps['f2_tuned'][b] == pytest.approx(_sk_f2(y, (s > _plain_tune(y, s)) * 1), abs=1e-12)
+    preds = np.zeros_like(y)
+    for f in range(4):
+      held = chip_fold == f
+      preds[held] = s[held] > _plain_tune(y[~held], s[~held])
+    assert reps['f2_tuned_crossfit'][b] == pytest.approx(_sk_f2(y, preds), abs=1e-12)
 
 
 def test_all_chips_once_give_the_point_values(study):

@@ -191,6 +191,120 @@ def test_tune_thresholds_is_fast_at_validation_size():
   assert time.perf_counter() - start < 3.0
 
 
+def _plain_tune(labels, scores, weights=None, *, max_sweeps=3, zero_division=0.0,
+                candidates=metrics.DEFAULT_CANDIDATES):
+  """tune_thresholds' documented coordinate search spelled out: every candidate's F2 (chip F2
+  summed with the chips' weights) from the predictions themselves, no shortcut."""
+  labels = np.asarray(labels, np.float64)
+  scores = np.asarray(scores, np.float64)
+  w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
+  candidates = np.asarray(candidates, np.float64)
+
+  def f2_sum(thresholds):  # [C, K] -> [C]
+    pred = scores[None] > thresholds[:, None, :]
+    tp = (pred & (labels[None] == 1)).sum(2)
+    denom = 4 * labels.sum(1)[None] + pred.sum(2)
+    return (w * np.where(denom > 0, 5 * tp / np.maximum(denom, 1), zero_division)).sum(1)
+
+  thr = np.full(labels.shape[1], 0.5)
+  tolerance = 1e-12 * w.sum()
+  for _ in range(max_sweeps):
+    changed = False
+    for j in range(labels.shape[1]):
+      trials = np.repeat(thr[None], len(candidates), axis=0)
+      trials[:, j] = candidates
+      value = f2_sum(trials)
+      if value.max() > f2_sum(thr[None])[0] + tolerance:  # strictly better: move, to the
+        ok = value >= value.max() - tolerance            # candidate nearest 0.5 among the best
+        thr[j] = candidates[np.argmin(np.where(ok, np.abs(candidates - 0.5), np.inf))]
+        changed = True
+    if not changed:
+      break
+  if f2_sum(thr[None])[0] < f2_sum(np.full((1, len(thr)), 0.5))[0]:
+    thr[:] = 0.5
+  return thr
+
+
+def _tails_case(rng, n):
+  """Scores of some tags far below 0.5 (best thresholds under 0.05), of others near 1, others
+  rounded onto the candidates (ties), and two tags whose best threshold lies outside
+  metrics._WINDOW while a threshold inside it is better than its edges: every path of the
+  threshold search, and its bounds put to work."""
+  labels, scores = _random_case(rng, n)
+  scores = scores.astype(np.float64)
+  scores[:, :4] *= 0.06
+  scores[:, 4:7] = 1 - (1 - scores[:, 4:7]) * 0.1
+  scores[:, 7:10] = scores[:, 7:10].round(2)
+  u = rng.random(n)
+  # tag 10: half the positives at 0.6-0.9, half at 0.02-0.04, negatives at 0.1-0.3 (best: 0.02)
+  labels[:, 10] = u < 0.5
+  scores[:, 10] = np.where(u < 0.5, np.where(rng.random(n) < 0.5, 0.6 + 0.3 * u, 0.02 + 0.02 * u),
+                           0.1 + 0.2 * u)
+  # tag 11: positives above every candidate but a few at 0.92, half the negatives at 0.97, the
+  # others at 0.3-0.5 (best: 0.97)
+  labels[:, 11] = u < 0.5
+  scores[:, 11] = np.where(u < 0.5, np.where(rng.random(n) < 0.05, 0.92, 0.999),
+                           np.where(rng.random(n) < 0.5, 0.97, 0.3 + 0.2 * u))
+  return labels, scores
+
+
+@pytest.mark.parametrize('name', ['continuous-n257', 'ties-n257', 'special-columns', 'perfect',
+                                  'float64-close', 'tails'])
+@pytest.mark.parametrize('zero_division', [0.0, 1.0])
+def test_tune_thresholds_equals_the_plain_search(name, zero_division):
+  labels, scores = CASES[name] if name != 'tails' else _tails_case(np.random.default_rng(4), 300)
+  np.testing.assert_array_equal(
+      metrics.tune_thresholds(labels, scores, zero_division=zero_division),
+      _plain_tune(labels, scores, zero_division=zero_division))
+
+
+@pytest.mark.parametrize('weights', ['counts', 'fractional'])
+def test_tune_thresholds_weighted_equals_the_plain_search(weights):
+  """Row b: the plain search on the chips repeated weights[b] times (counts: on the copied rows;
+  fractional: weighted), whatever shortcuts the weighted search takes."""
+  rng = np.random.default_rng(5)
+  labels, scores = _tails_case(rng, 60)
+  if weights == 'counts':
+    w = np.stack([np.bincount(rng.integers(0, 60, 60), minlength=60) for _ in range(6)])
+  else:
+    w = rng.integers(0, 40, (6, 60)) / 8.0  # 40 values: int32 codes
+  got = metrics.tune_thresholds_weighted(labels, scores, w)
+  for b in range(len(w)):
+    if weights == 'counts':
+      rows = np.repeat(np.arange(60), w[b].astype(int))
+      want = _plain_tune(labels[rows], scores[rows])
+    else:
+      want = _plain_tune(labels, scores, w[b])
+    np.testing.assert_array_equal(got[b], want)
+
+
+def test_threshold_search_shortcuts_change_nothing(monkeypatch):
+  """The search with its window of thresholds (bounding the others) and weights folded into its
+  tables equals the search summing every chip and multiplying by the weights, on resamples and
+  on resamples without a fold; and its chips' F2 are f2_at's."""
+  rng = np.random.default_rng(6)
+  labels, scores = _tails_case(rng, 300)
+  counts = np.stack([np.bincount(rng.integers(0, 300, 300), minlength=300) for _ in range(30)])
+  fold = metrics.crossfit_folds(300, 4, 0)
+
+  def run():
+    out = []
+    for tuned_on in (None, fold != 1):
+      search = metrics._ThresholdSearch(labels, scores, tuned_on=tuned_on)
+      out.append(search(counts.astype(np.uint8)))
+    return out
+
+  fast = run()
+  monkeypatch.setattr(metrics, '_WINDOW', (0.0, 1.0))
+  monkeypatch.setattr(metrics, '_MAX_WEIGHT_VALUES', 0)
+  for (thr, chip_f2), (plain_thr, plain_f2) in zip(fast, run()):
+    np.testing.assert_array_equal(thr, plain_thr)
+    np.testing.assert_array_equal(chip_f2, plain_f2)
+    for b in range(0, 30, 7):
+      f2 = metrics.f2_at_weighted(labels, scores, thr[b:b + 1], counts[b:b + 1])[0]
+      assert chip_f2[b].sum() / counts[b].sum() == pytest.approx(f2, abs=1e-12)
+
+
 def _tail_loop(labels, scores, thresholds, top_n):
   order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
   out = []
