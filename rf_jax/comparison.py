@@ -246,8 +246,11 @@ def _uncertainty_section(result: Mapping, names: Sequence[str], tags: Sequence[s
         f'*F2 cross-fitted*: each chip scored at thresholds tuned on the other '
         f'{result["folds"] - 1} of {result["folds"]} folds. A resample holds ~63% distinct '
         'chips, so tuning on it overfits more: the tuned F2s\' intervals lean (in-sample up, '
-        'cross-fitted down); their differences between runs, where most of that cancels, are '
-        'the numbers to read. All numbers in comparison.json.', '',
+        'cross-fitted down). mAP\'s intervals lean up: a rare tag (a few positives) drops out of '
+        'the resamples that miss all its positives, and a resampled positive counted twice '
+        'raises its AP. Both effects are the same for every run on a resample, so the paired '
+        'differences between runs, where they cancel, are the numbers to read. All numbers in '
+        'comparison.json.', '',
         '| metric | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
   for m in bootstrap.METRICS:
     md.append(f'| {_METRIC_LABELS[m]} | '
