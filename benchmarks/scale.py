@@ -30,8 +30,10 @@ import sys
 import tempfile
 import time
 
-REAL_TRAIN_CHIPS = 40479
-REAL_TEST_CHIPS = 61191
+from rf_jax.data import synthetic
+
+REAL_TRAIN_CHIPS = synthetic.REAL_NUM_CHIPS  # 40,479
+REAL_TEST_CHIPS = sum(count for _, count in synthetic.REAL_TEST_PREFIXES)  # 61,191
 CHIP_SIZE = 256
 LOADER_CACHES = ('none', 'host', 'device')
 RESULT = 'SCALE_RESULT '  # a child's last line: its figures as JSON
@@ -72,7 +74,6 @@ def _config(root: pathlib.Path, quick: bool, **changes):
 
 
 def _child_generate(root, train_chips, test_chips, **_):
-  from rf_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   synthetic.write_dataset(root / 'raw', train_chips, CHIP_SIZE, seed=0, num_test=test_chips)
   return {'chips': train_chips + test_chips}
 
