@@ -43,6 +43,15 @@ def wait_for_all_processes(name: str, timeout_s: int) -> None:
   distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
+def data_dirs(data, wd: workdir_lib.Workdir) -> tuple[str, str]:
+  """(raw, prepared) directories of `config.data` (a ConfigDict or a saved config's dict): a
+  synthetic dataset is generated into the workdir unless the config names a place."""
+  raw_dir, prepared_dir = data['raw_dir'], data['prepared_dir']
+  if data['synthetic']['num_chips']:
+    return raw_dir or str(wd.synthetic), prepared_dir or str(wd.prepared)
+  return raw_dir, prepared_dir or DEFAULT_PREPARED_DIR
+
+
 def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepared.PlanetData:
   """The prepared dataset of `config.data` (generated and prepared on first use).
 
@@ -52,12 +61,11 @@ def prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> prepa
   """
   data = config.data
   spec = None
-  raw_dir, prepared_dir = data.raw_dir, data.prepared_dir or DEFAULT_PREPARED_DIR
-  if data.synthetic.num_chips:  # generated into the workdir unless the config names a place
+  if data.synthetic.num_chips:
     s = data.synthetic
     spec = synthetic.Spec(num_chips=s.num_chips, chip_size=s.chip_size, num_test=s.num_test,
                           seed=s.seed)
-    raw_dir, prepared_dir = data.raw_dir or wd.synthetic, data.prepared_dir or wd.prepared
+  raw_dir, prepared_dir = data_dirs(data, wd)
   prepare_here = functools.partial(
       prepared.prepare, raw_dir, prepared_dir, layout=data.layout,
       val_fraction=data.val_fraction, split_seed=data.split_seed, synthetic=spec)

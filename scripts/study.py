@@ -41,6 +41,7 @@ from ml_collections import config_flags
 from rf_jax import cli
 from rf_jax import config_checks
 from rf_jax import errors
+from rf_jax import inputs
 from rf_jax import workdir as workdir_lib
 from rf_jax.data.tfds_planet import planet_amazon_test
 from rf_jax.models import registry
@@ -134,10 +135,9 @@ def requested_config(run: Run) -> dict | None:
 
 
 def _has_test_chips(config: dict, wd: workdir_lib.Workdir) -> bool:
-  """Whether `--mode all` writes a submission: the raw directory inputs.prepare reads (a
-  synthetic dataset's, <workdir>/synthetic unless the config names one) has test chips."""
-  data = config['data']
-  raw_dir = data['raw_dir'] or (wd.synthetic if data['synthetic']['num_chips'] else '')
+  """Whether `--mode all` writes a submission: the raw directory inputs.prepare reads has test
+  chips."""
+  raw_dir, _ = inputs.data_dirs(config['data'], wd)
   return bool(raw_dir) and bool(planet_amazon_test.list_test_chips(raw_dir))
 
 
