@@ -149,7 +149,7 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
           [r'--config\.num_epochs=two', 'int']),
       'batch not divisible by the devices': (
           base + ['--config.batch_size=7'] + fresh('w_devices'),
-          {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+          {'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"},
           [r'config\.batch_size=7 does not divide by the 2 devices', r'--config\.batch_size=6']),
       'missing config file': (
           ['--config', str(tmp / 'no_such_config.py'), '--workdir', str(tmp / 'w_cfg')], {},

@@ -103,7 +103,8 @@ _SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope='module')
 def results(synthetic_kaggle_dir, tmp_path_factory):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                   '--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(

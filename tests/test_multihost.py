@@ -55,7 +55,8 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', PYTHONFAULTHANDLER='1',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+              f'--xla_force_host_platform_device_count={devices}')
 
 
 def _train_command(workdir, *extra, config=CONFIG) -> list[str]:
