@@ -9,10 +9,10 @@ import functools
 import itertools
 
 import jax
-from jax._src import distributed  # the coordination service's barrier (orbax uses it too)
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+from orbax.checkpoint import multihost as orbax_multihost
 
 from rf_jax import augment
 from rf_jax import config_checks
@@ -40,7 +40,9 @@ def wait_for_all_processes(name: str, timeout_s: int) -> None:
   A collective's first connection gives up after 30 s, and preparing a real dataset takes
   minutes. A process that dies fails the barrier for the others.
   """
-  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+  # orbax's public wrapper of the coordination service client (JAX exposes no barrier with a
+  # timeout of its own).
+  orbax_multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def data_dirs(data, wd: workdir_lib.Workdir) -> tuple[str, str]:
