@@ -119,6 +119,13 @@ def _stray_arguments(args: list[str]) -> str:
   return f'unexpected argument(s) {" ".join(args)}: {hint}.'
 
 
+# The modes whose --workdir is where they write, not a run they read.
+_WORKDIR_OF_MODE = {
+    'compare': ': --mode compare writes the comparison there, e.g. --workdir runs/comparison',
+    'ensemble': ': --mode ensemble writes the ensemble there, e.g. --workdir runs/ensemble',
+}
+
+
 def check_command_line(args: list[str]) -> None:
   """Refuses what would be ignored (a stray argument, a flag of another mode) or cannot work,
   naming the flag: before anything is created."""
@@ -126,7 +133,8 @@ def check_command_line(args: list[str]) -> None:
     raise cli.CommandLineError(_stray_arguments(args))
   if not FLAGS.workdir:  # checked here, not marked required: importing this module
     # (tests, other absl programs parsing their flags) must not make --workdir mandatory for them.
-    raise cli.CommandLineError('--workdir is required, e.g. --workdir runs/dual')
+    raise cli.CommandLineError('--workdir is required'
+                               + _WORKDIR_OF_MODE.get(FLAGS.mode, ', e.g. --workdir runs/dual'))
   for name, modes in MODE_FLAGS.items():
     if FLAGS[name].present and FLAGS.mode not in modes:
       raise cli.CommandLineError(

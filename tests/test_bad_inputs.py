@@ -356,6 +356,10 @@ def test_paths_and_config_names_mean_what_the_user_meant(tmp_path):
   assert_cli_error(run('--config', 'dual', '--workdir', 'dual_run', '--config.num_epochs=0'),
                    r'config\.num_epochs=0 must be > 0')
   assert sorted(p.name for p in tmp_path.iterdir()) == ['dual', 'home']
+  # compare's --workdir is where it writes, which a user comparing runs may not guess.
+  assert_cli_error(run('--mode', 'compare', '--compare', 'a,b'),
+                   r'--workdir is required: --mode compare writes the comparison there, e\.g\. '
+                   r'--workdir runs/comparison')
   assert not list(home.iterdir())
 
 
