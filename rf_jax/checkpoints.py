@@ -183,7 +183,7 @@ def restore_for_evaluation(directory: str | os.PathLike, step: int = -1,
   if not os.path.isdir(directory):
     workdir = os.path.dirname(directory)
     raise CheckpointError(f'No checkpoints in {directory}: train first with '
-                          f'`python -m rf_jax.main --config <config> --workdir {workdir}`.')
+                          f'`rf-jax --config <config> --workdir {workdir}`.')
   manager = create_manager(directory, select_by=select_by, read_only=True)
   steps = manager.all_steps()
   if not steps:
