@@ -203,7 +203,8 @@ def main(argv):
     # predict --chips only read the run, so a read-only (shared, archived) one serves them.
     holds = jax.process_index() == 0 and not (
         FLAGS.mode == 'export' or (FLAGS.mode == 'predict' and FLAGS.chips))
-    with (workdir_lib.locked(wd) if holds else contextlib.nullcontext(),
+    with (workdir_lib.removed_if_refused(wd) if holds else contextlib.nullcontext(),
+          workdir_lib.locked(wd) if holds else contextlib.nullcontext(),
           workdir_lib.logged_output(wd) if holds else contextlib.nullcontext(),
           compilation.reported()):  # its line closes the mode's output (and log.txt)
       run(FLAGS.mode, config, workdir, tuple(FLAGS.allow_config_change), _path(FLAGS.chips),

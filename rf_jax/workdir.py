@@ -32,6 +32,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import socket
 import sys
 import tempfile
@@ -129,6 +130,23 @@ def check_output_dir(directory: pathlib.Path, what: str, fix: str) -> None:
   except OSError as e:
     raise OutputDirError(f'{directory}: cannot write {what} there ({e.strerror or e}): '
                          f'{fix}') from None
+
+
+@contextlib.contextmanager
+def removed_if_refused(wd: Workdir):
+  """Removes the workdir this invocation creates if the run stops (refused: a missing dataset or
+  weights file, an unwritable prepared_dir; or interrupted) before it wrote more than its lock,
+  log and the records of its start: a mistyped path leaves no empty run behind. A workdir that
+  existed, or one holding data, a checkpoint or any other file, is never touched."""
+  existed = wd.root.exists()
+  try:
+    yield
+  except BaseException:
+    records = {path.name for path in (wd.lock_file, wd.log, wd.config, wd.provenance)}
+    if (not existed and wd.root.is_dir()
+        and {path.name for path in wd.root.iterdir()} <= records):
+      shutil.rmtree(wd.root, ignore_errors=True)
+    raise
 
 
 @contextlib.contextmanager

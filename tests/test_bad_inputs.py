@@ -292,6 +292,36 @@ def test_cli_reports_one_specific_error_line(cli_results, case):
   assert_cli_error(results[case], *cases[case][2])
 
 
+def test_a_refused_start_leaves_no_new_workdir(cli_results):
+  """Every case that names a new workdir (`w_*`) is refused, whether before the workdir is
+  created (a config check) or after (a missing dataset or weights file, an unwritable
+  prepared_dir): none is left behind."""
+  cases, _, _, _ = cli_results
+  new = [pathlib.Path(argv[argv.index('--workdir') + 1]) for argv, _, _ in cases.values()
+         if '--workdir' in argv and pathlib.Path(argv[argv.index('--workdir') + 1]).name
+         .startswith('w_')]
+  assert len(new) >= 5
+  assert [w for w in new if w.exists()] == []
+
+
+@pytest.mark.parametrize('existed, written, removed', [
+    (False, ('log.txt', '.lock', 'config.json', 'provenance.json'), True),
+    (False, ('log.txt', 'synthetic/'), False),  # generated data is kept for the rerun
+    (True, ('log.txt', '.lock'), False),  # a workdir the user had is never removed
+])
+def test_a_stopped_start_removes_only_the_workdir_it_created_empty(tmp_path, existed, written,
+                                                                  removed):
+  wd = workdir_lib.Workdir(tmp_path / 'run')
+  if existed:
+    wd.root.mkdir()
+  with pytest.raises(errors.UserError), workdir_lib.removed_if_refused(wd):
+    wd.root.mkdir(exist_ok=True)
+    for name in written:
+      (wd.root / name).mkdir() if name.endswith('/') else (wd.root / name).write_text('x')
+    raise errors.UserError('refused')
+  assert wd.root.exists() == (not removed)
+
+
 def test_cli_errors_damage_nothing_written_before(cli_results, trained):
   _, _, before, after = cli_results
   assert after[0] == before[0]  # checkpoints, history.json, eval/predictions.npz, metrics
