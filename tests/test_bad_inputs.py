@@ -36,7 +36,7 @@ from rf_jax.data import planet
 from rf_jax import weights
 from rf_jax import workdir as workdir_lib
 from rf_jax.workdir import Workdir
-from tiny_configs import cli_flags, tiny, train_recording_saves
+from tiny_configs import cli_flags, tiny, train_recording_saves, xla_flags_with_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LABELS = 'train_v2.csv'
@@ -149,7 +149,7 @@ def _cli_cases(config, workdir, tmp: pathlib.Path) -> dict:
           [r'--config\.num_epochs=two', 'int']),
       'batch not divisible by the devices': (
           base + ['--config.batch_size=7'] + fresh('w_devices'),
-          {'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"},
+          {'XLA_FLAGS': xla_flags_with_devices(2)},
           [r'config\.batch_size=7 does not divide by the 2 devices', r'--config\.batch_size=6']),
       'missing config file': (
           ['--config', str(tmp / 'no_such_config.py'), '--workdir', str(tmp / 'w_cfg')], {},
@@ -297,9 +297,9 @@ def test_a_refused_start_leaves_no_new_workdir(cli_results):
   created (a config check) or after (a missing dataset or weights file, an unwritable
   prepared_dir): none is left behind."""
   cases, _, _, _ = cli_results
-  new = [pathlib.Path(argv[argv.index('--workdir') + 1]) for argv, _, _ in cases.values()
-         if '--workdir' in argv and pathlib.Path(argv[argv.index('--workdir') + 1]).name
-         .startswith('w_')]
+  named = [pathlib.Path(argv[argv.index('--workdir') + 1]) for argv, _, _ in cases.values()
+           if '--workdir' in argv]
+  new = [w for w in named if w.name.startswith('w_')]
   assert len(new) >= 5
   assert [w for w in new if w.exists()] == []
 

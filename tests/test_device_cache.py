@@ -21,6 +21,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tiny_configs import xla_flags_with_devices
+
 # Runs in a child process: the device count is fixed when jax starts.
 _SCRIPT = textwrap.dedent('''
     import dataclasses, json, sys
@@ -103,9 +105,7 @@ _SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope='module')
 def results(synthetic_kaggle_dir, tmp_path_factory):
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-                                   '--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(2), JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(
       [sys.executable, '-c', _SCRIPT, str(synthetic_kaggle_dir),

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from tiny_configs import cli_flags, tiny
+from tiny_configs import cli_flags, tiny, xla_flags_with_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ('train_images_per_s', 'epoch_seconds')
@@ -55,8 +55,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', PYTHONFAULTHANDLER='1',
-              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-              f'--xla_force_host_platform_device_count={devices}')
+              XLA_FLAGS=xla_flags_with_devices(devices))
 
 
 def _train_command(workdir, *extra, config=CONFIG) -> list[str]:

@@ -2,6 +2,8 @@
 narrow ResNet-18 on the session's synthetic chips (tests/conftest.py), in-process or, through
 `cli_flags`, on the command line."""
 
+import os
+
 from rf_jax.configs import dual, rgb, rgbir
 
 STUDY_CONFIGS = {'rgb': rgb, 'rgbir': rgbir, 'dual': dual}
@@ -72,3 +74,9 @@ def train_recording_saves(config, workdir) -> list[int]:
   with unittest.mock.patch.object(checkpoints, 'save', recording_save):
     train.train_and_evaluate(config, workdir)
   return steps
+
+
+def xla_flags_with_devices(devices: int) -> str:
+  """XLA_FLAGS for a process the tests start with `devices` CPU devices, keeping the session's
+  own flags (tests/conftest.py) beside it."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
